@@ -1,0 +1,138 @@
+"""Channel groups: the classes of coupled channels, with every parameter slice that belongs to them.
+
+A group is a set of spaces (births of channels) joined by unification: a residual stream is
+one group, a DenseNet layer's output another however often it is concatenated. A channel is
+one class of unified elements; pruning it removes every member slice listed for it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ptgraph.channels import ChannelSpace
+from ptgraph.graph import Graph
+from ptgraph.passes.flow import ChannelFlow, run_flow
+from ptgraph.passes.rules import lookup
+
+
+@dataclass(frozen=True, eq=False)
+class Member:
+    """Positions `positions` along `axis` of parameter/buffer `name` hold channels `channels` of the group."""
+
+    name: str
+    axis: int
+    positions: np.ndarray
+    channels: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)
+class ChannelGroup:
+    id: int
+    size: int  # channels
+    members: tuple[Member, ...]
+    prunable: bool
+    exact: bool  # removing zeroed channels provably leaves every output unchanged
+    reason: str | None  # why frozen, or why inexact
+
+    @property
+    def params(self) -> int:
+        """Parameters that one channel of this group holds, summed over channels."""
+        return sum(len(m.positions) for m in self.members)
+
+
+class ChannelAnalysis:
+    """The analysis of one traced model: its groups, kept current across shrinks without re-tracing."""
+
+    def __init__(self, graph: Graph, flow: ChannelFlow) -> None:
+        self.graph = graph
+        self.flow = flow
+        self._space_group = _group_spaces(flow.space)
+        self.groups: tuple[ChannelGroup, ...] = ()
+        self.channel_roots: dict[int, np.ndarray] = {}  # group id -> union-find root of each channel
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Recompute the groups from the flow's alive elements (after a shrink)."""
+        self.groups, self.channel_roots = _build_groups(self.flow, self._space_group)
+
+    def group(self, gid: int) -> ChannelGroup:
+        for g in self.groups:
+            if g.id == gid:
+                return g
+        raise KeyError(gid)
+
+    @property
+    def prunable_channel_fraction(self) -> float:
+        total = sum(g.size for g in self.groups)
+        return sum(g.size for g in self.groups if g.prunable) / total if total else 0.0
+
+    @property
+    def original_module_runs_pruned(self) -> bool:
+        """False when a shrink rewrites constants of the graph (reshape sizes, split sections) that the
+        original module's Python code may still hold: then run and export `graph.module`."""
+        return not self.flow.graph_rewrites
+
+
+def analyze_channels(graph: Graph) -> ChannelAnalysis:
+    return ChannelAnalysis(graph, run_flow(graph, lookup))
+
+
+def _group_spaces(space: ChannelSpace) -> np.ndarray:
+    """space id -> group id: spaces sharing a channel are one group; ids follow birth order."""
+    roots = space.roots()
+    spaces = space.space_of(np.arange(len(roots)))
+    order = np.argsort(roots, kind="stable")
+    r, s = roots[order], spaces[order]
+    same = r[1:] == r[:-1]
+    uf = ChannelSpace()
+    uf.new(space.n_spaces)
+    if same.any():
+        uf.unify(s[:-1][same], s[1:][same])
+    rep = uf.roots()
+    _, dense = np.unique(rep, return_inverse=True)
+    # renumber by first birth so group ids read in model order
+    first = np.full(dense.max() + 1 if len(dense) else 0, len(dense))
+    np.minimum.at(first, dense, np.arange(len(dense)))
+    rank = np.empty_like(first)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+    return rank[dense]
+
+
+def _build_groups(flow: ChannelFlow, space_group: np.ndarray) -> tuple[tuple[ChannelGroup, ...], dict]:
+    space = flow.space
+    roots = space.roots()
+    elems = np.nonzero(flow.alive)[0]
+    if not len(elems):
+        return (), {}
+    group_of = space_group[space.space_of(np.arange(len(roots)))]
+    # channels: one per root among alive elements, ordered within a group by first element
+    uniq_roots, first = np.unique(roots[elems], return_index=True)
+    first_elem = elems[first]
+    ch_group = group_of[first_elem]
+    order = np.lexsort((first_elem, ch_group))
+    sorted_groups = ch_group[order]
+    starts = np.searchsorted(sorted_groups, sorted_groups, side="left")
+    channel_index = np.empty(len(roots), dtype=np.int64)
+    channel_index[uniq_roots[order]] = np.arange(len(order)) - starts
+
+    members: dict[int, list[Member]] = {}
+    for name, axes in flow.param_axes.items():
+        for axis, ids in axes.items():
+            ids = ids[flow.alive[ids]]
+            groups = group_of[ids]
+            channels = channel_index[roots[ids]]
+            for g in np.unique(groups).tolist():
+                pos = np.nonzero(groups == g)[0]
+                members.setdefault(g, []).append(Member(name, axis, pos, channels[pos]))
+
+    out = []
+    gids, sizes = np.unique(ch_group, return_counts=True)
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    channel_roots = {g: uniq_roots[order][bounds[i]:bounds[i + 1]] for i, g in enumerate(gids.tolist())}
+    for g, size in zip(gids.tolist(), sizes.tolist()):
+        ids = elems[group_of[elems] == g]
+        frozen = space.frozen_reason(ids)
+        inexact = space.inexact_reason(ids)
+        out.append(ChannelGroup(g, size, tuple(members.get(g, ())), frozen is None, inexact is None, frozen or inexact))
+    return tuple(out), channel_roots

@@ -1,0 +1,99 @@
+"""Convolutions: plain, grouped, depthwise, transposed; as modules or as F.conv*d on parameters.
+
+weight: (out, in/groups, *k). With groups == 1 the weight's in-axis holds the input's channels
+and its out-axis is a new space. With groups > 1 a block of input channels only meets its own
+block of output channels, so each block (inputs and outputs together) is one channel: blocks
+are pruned whole and `groups` shrinks with them, which keeps every remaining block exact.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch.nn.functional as F
+from torch import nn
+
+from ptgraph.passes.flow import Context, Counter, NodeType, freeze_everything
+from ptgraph.passes.rules import rule
+
+
+def conv_types(ctx: Context, x: object, weight: str, bias: str | None, w_shape: tuple, groups: int,
+               transposed: bool) -> tuple[NodeType, np.ndarray | None, np.ndarray]:
+    """Bind the conv's parameters; returns (output type, input elements or None, output elements)."""
+    t = dict(ctx.type_of(x))
+    for axis in [a for a in t if a >= 2]:  # a spatial axis cannot be tracked through a conv
+        ctx.freeze(t.pop(axis), f"channels on a spatial axis of {ctx.node.name}")
+    x_ids = t.pop(1, None)
+    if transposed:
+        out = ctx.param_axis(weight, 1, w_shape[1])
+        if groups == 1 and x_ids is not None:
+            ctx.bind(weight, 0, x_ids)
+        elif groups > 1:
+            if x_ids is not None:
+                ctx.freeze(x_ids, f"grouped transposed conv {ctx.node.name}")
+            ctx.freeze(out, f"grouped transposed conv {ctx.node.name}")
+    else:
+        out = ctx.param_axis(weight, 0, w_shape[0])
+        if groups == 1:
+            if x_ids is not None:
+                ctx.bind(weight, 1, x_ids)
+        elif x_ids is None:
+            ctx.freeze(out, f"grouped conv {ctx.node.name} on fixed input channels")
+        else:
+            blocks = np.concatenate([x_ids.reshape(groups, -1), out.reshape(groups, -1)], axis=1)
+            ctx.unify(np.repeat(blocks[:, :1], blocks.shape[1] - 1, axis=1), blocks[:, 1:])
+    if bias is not None:
+        ctx.bind(bias, 0, out)
+    t[1] = out
+    return t, x_ids, out
+
+
+_CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+@rule(*_CONV_MODULES)
+def conv_module(ctx: Context) -> NodeType:
+    m = ctx.module
+    transposed = isinstance(m, nn.modules.conv._ConvTransposeNd)
+    out_type, x_ids, out = conv_types(
+        ctx, ctx.arg(0, "input"), ctx.param_name("weight"), ctx.param_name("bias") if m.bias is not None else None,
+        tuple(m.weight.shape), m.groups, transposed,
+    )
+    groups0, out0 = m.groups, len(out)
+
+    def fix(count: Counter) -> None:
+        w = m.weight
+        if transposed:
+            m.in_channels, m.out_channels = w.shape[0], w.shape[1] * m.groups
+        else:
+            m.groups = groups0 * count(out) // out0 if groups0 > 1 else 1
+            m.out_channels, m.in_channels = w.shape[0], w.shape[1] * m.groups
+
+    ctx.on_shrink(fix)
+    return out_type
+
+
+def _functional(transposed: bool):
+    def conv_function(ctx: Context) -> NodeType:
+        w_node, b_node = ctx.arg(1, "weight"), ctx.arg(2, "bias")
+        weight, bias = ctx.attr_name(w_node), ctx.attr_name(b_node)
+        groups = ctx.arg(6, "groups", 1)  # index 6 in both signatures
+        if weight is None or (b_node is not None and bias is None) or not isinstance(groups, int):
+            return freeze_everything(ctx, f"{ctx.node.name}: conv weights that are not parameters")
+        out_type, _, out = conv_types(ctx, ctx.arg(0, "input"), weight, bias, ctx.shape_of(w_node), groups, transposed)
+        if groups > 1 and not transposed:
+            node, out0 = ctx.node, len(out)
+
+            def fix(count: Counter) -> None:
+                new = groups * count(out) // out0
+                if len(node.args) > 6:
+                    node.update_arg(6, new)
+                else:
+                    node.update_kwarg("groups", new)
+
+            ctx.rewrite(fix)
+        return out_type
+
+    return conv_function
+
+
+rule(F.conv1d, F.conv2d, F.conv3d)(_functional(False))
+rule(F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)(_functional(True))

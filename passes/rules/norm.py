@@ -1,0 +1,164 @@
+"""Normalisation layers: the type passes through; affine parameters and running stats are bound to it.
+
+BatchNorm and InstanceNorm normalise each channel on its own, so pruning is exact. LayerNorm
+over the channel axis (and GroupNorm with one group) mixes channels in its statistics:
+the channels stay prunable but are marked inexact. GroupNorm with several groups couples each
+group's channels into one, so whole groups go and the rest keep their statistics (exact).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch.nn.functional as F
+from torch import nn
+
+from ptgraph.passes.flow import Context, Counter, NodeType, freeze_everything
+from ptgraph.passes.rules import rule
+
+_PER_CHANNEL = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+                nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+
+
+def _bind_all(ctx: Context, names: list[str | None], axis: int, ids: np.ndarray) -> None:
+    for name in names:
+        if name is not None:
+            ctx.bind(name, axis, ids)
+
+
+@rule(*_PER_CHANNEL)
+def batch_norm_module(ctx: Context) -> NodeType:
+    m = ctx.module
+    t = dict(ctx.type_of(ctx.arg(0, "input")))
+    if 1 in t:
+        present = [k for k in ("weight", "bias", "running_mean", "running_var") if getattr(m, k, None) is not None]
+        ids = t[1]
+        _bind_all(ctx, [ctx.param_name(k) for k in present], 0, ids)
+
+        def fix(count: Counter) -> None:
+            m.num_features = count(ids)
+
+        ctx.on_shrink(fix)
+    return t
+
+
+@rule(F.batch_norm, F.instance_norm)
+def batch_norm_function(ctx: Context) -> NodeType:
+    t = dict(ctx.type_of(ctx.arg(0, "input")))
+    slots = [(1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias")]  # same in both signatures
+    nodes = [ctx.arg(i, k) for i, k in slots]
+    names = [ctx.attr_name(n) for n in nodes]
+    if any(n is not None and name is None for n, name in zip(nodes, names)):
+        ctx.freeze(t, f"{ctx.node.name}: norm statistics that are not parameters")
+        return t
+    if 1 in t:
+        _bind_all(ctx, names, 0, t[1])
+    return t
+
+
+def _layer_norm(ctx: Context, x: object, shape0: tuple, names: list[str | None]) -> tuple[NodeType, dict]:
+    """Bind LayerNorm params over the last len(shape0) axes; returns the type and axis->ids it covers."""
+    t = dict(ctx.type_of(x))
+    nd, k = len(ctx.shape_of(x)), len(shape0)
+    covered = {a - (nd - k): ids for a, ids in t.items() if a >= nd - k}
+    for axis, ids in covered.items():
+        _bind_all(ctx, names, axis, ids)
+        ctx.inexact(ids, f"LayerNorm statistics over channels ({ctx.node.name})")
+    return t, covered
+
+
+def _normalized_shape(shape0: tuple, covered: dict, count: Counter) -> tuple:
+    return tuple(count(covered[i]) if i in covered else s for i, s in enumerate(shape0))
+
+
+@rule(nn.LayerNorm)
+def layer_norm_module(ctx: Context) -> NodeType:
+    m = ctx.module
+    names = [ctx.param_name(k) for k in ("weight", "bias") if getattr(m, k, None) is not None]
+    shape0 = tuple(m.normalized_shape)
+    t, covered = _layer_norm(ctx, ctx.arg(0, "input"), shape0, names)
+
+    def fix(count: Counter) -> None:
+        m.normalized_shape = _normalized_shape(shape0, covered, count)
+
+    ctx.on_shrink(fix)
+    return t
+
+
+@rule(F.layer_norm)
+def layer_norm_function(ctx: Context) -> NodeType:
+    shape_arg = ctx.arg(1, "normalized_shape")
+    names = [ctx.attr_name(ctx.arg(i, k)) for i, k in ((2, "weight"), (3, "bias"))]
+    if not isinstance(shape_arg, (tuple, list)) or not all(isinstance(s, int) for s in shape_arg):
+        return freeze_everything(ctx, f"{ctx.node.name}: normalized_shape computed at run time")
+    shape0 = tuple(shape_arg)
+    t, covered = _layer_norm(ctx, ctx.arg(0, "input"), shape0, names)
+    node = ctx.node
+
+    def fix(count: Counter) -> None:
+        new = type(shape_arg)(_normalized_shape(shape0, covered, count))
+        if len(node.args) > 1:
+            node.update_arg(1, new)
+        else:
+            node.update_kwarg("normalized_shape", new)
+
+    if covered:
+        ctx.rewrite(fix)
+    return t
+
+
+def _group_norm(ctx: Context, x: object, groups: int, names: list[str | None]) -> tuple[NodeType, np.ndarray | None]:
+    t = dict(ctx.type_of(x))
+    ids = t.get(1)
+    if ids is None:
+        return t, None
+    _bind_all(ctx, names, 0, ids)
+    if groups == 1 and len(ids) > 1:
+        ctx.inexact(ids, f"GroupNorm with one group ({ctx.node.name})")
+    elif groups < len(ids):
+        blocks = ids.reshape(groups, -1)
+        ctx.unify(np.repeat(blocks[:, :1], blocks.shape[1] - 1, axis=1), blocks[:, 1:])
+    return t, ids
+
+
+@rule(nn.GroupNorm)
+def group_norm_module(ctx: Context) -> NodeType:
+    m = ctx.module
+    names = [ctx.param_name(k) for k in ("weight", "bias") if getattr(m, k, None) is not None]
+    groups0 = m.num_groups
+    t, ids = _group_norm(ctx, ctx.arg(0, "input"), groups0, names)
+    if ids is not None:
+        n0 = len(ids)
+
+        def fix(count: Counter) -> None:
+            m.num_channels = count(ids)
+            m.num_groups = 1 if groups0 == 1 else groups0 * m.num_channels // n0
+
+        ctx.on_shrink(fix)
+    return t
+
+
+@rule(F.group_norm)
+def group_norm_function(ctx: Context) -> NodeType:
+    groups0 = ctx.arg(1, "num_groups")
+    names = [ctx.attr_name(ctx.arg(i, k)) for i, k in ((2, "weight"), (3, "bias"))]
+    t, ids = _group_norm(ctx, ctx.arg(0, "input"), groups0, names)
+    if ids is not None and groups0 > 1:
+        node, n0 = ctx.node, len(ids)
+
+        def fix(count: Counter) -> None:
+            new = groups0 * count(ids) // n0
+            if len(node.args) > 1:
+                node.update_arg(1, new)
+            else:
+                node.update_kwarg("num_groups", new)
+
+        ctx.rewrite(fix)
+    return t
+
+
+@rule(nn.LocalResponseNorm, F.local_response_norm)
+def local_response_norm(ctx: Context) -> NodeType:
+    t = dict(ctx.type_of(ctx.arg(0, "input")))
+    if 1 in t:
+        ctx.inexact(t[1], f"LocalResponseNorm mixes neighbouring channels ({ctx.node.name})")
+        ctx.freeze(t[1], f"LocalResponseNorm mixes neighbouring channels ({ctx.node.name})")
+    return t

@@ -1,0 +1,92 @@
+"""Pooling, resampling and reductions.
+
+Spatial ops keep the channel axis; anything tracked on a pooled axis is frozen. Reducing or
+normalising over a channel axis (mean, softmax) stays correct after a shrink but is not exact
+(a removed channel no longer counts), so those channels are marked inexact.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ptgraph.passes.flow import Context, NodeType, freeze_everything
+from ptgraph.passes.rules import rule
+
+_SPATIAL = {
+    1: [nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d, nn.LPPool1d, F.max_pool1d,
+        F.avg_pool1d, F.adaptive_avg_pool1d, F.adaptive_max_pool1d, F.lp_pool1d],
+    2: [nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.LPPool2d, F.max_pool2d,
+        F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.lp_pool2d],
+    3: [nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d, F.max_pool3d, F.avg_pool3d,
+        F.adaptive_avg_pool3d, F.adaptive_max_pool3d],
+}
+
+
+def _spatial(k: int | None):
+    def spatial(ctx: Context) -> NodeType:
+        if isinstance(ctx.out_shape, tuple) and ctx.out_shape and isinstance(ctx.out_shape[0], tuple):
+            return freeze_everything(ctx)  # return_indices=True
+        x = ctx.arg(0, "input")
+        nd = len(ctx.shape_of(x))
+        first_spatial = nd - (k if k is not None else nd - 2)
+        t = {}
+        for axis, ids in ctx.type_of(x).items():
+            if axis < first_spatial:
+                t[axis] = ids
+            else:
+                ctx.freeze(ids, f"channels on a resampled axis ({ctx.node.name})")
+        return t
+
+    return spatial
+
+
+for _k, _targets in _SPATIAL.items():
+    rule(*_targets)(_spatial(_k))
+rule(F.interpolate, nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, F.pad, "pad")(_spatial(None))
+
+
+def _dims(dim: object, nd: int) -> set[int] | None:
+    if dim is None:
+        return set(range(nd))
+    if isinstance(dim, int):
+        return {dim % nd}
+    if isinstance(dim, (tuple, list)) and all(isinstance(d, int) for d in dim):
+        return {d % nd for d in dim}
+    return None
+
+
+@rule(torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var, torch.logsumexp, torch.nansum,
+      "mean", "sum", "amax", "amin", "std", "var", "logsumexp", "nansum")
+def reduction(ctx: Context) -> NodeType:
+    x = ctx.arg(0, "input")
+    nd = len(ctx.shape_of(x))
+    dims = _dims(ctx.arg(1, "dim"), nd)
+    keep = bool(ctx.arg(2, "keepdim", False))
+    if dims is None or not isinstance(ctx.out_shape, tuple):
+        return freeze_everything(ctx)
+    t = {}
+    for axis, ids in ctx.type_of(x).items():
+        if axis in dims:
+            ctx.inexact(ids, f"reduction over channels ({ctx.node.name})")
+        else:
+            t[axis if keep else axis - sum(d < axis for d in dims)] = ids
+    return t
+
+
+@rule(F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "softmax", "log_softmax", nn.Softmax,
+      nn.LogSoftmax, F.normalize)
+def softmax(ctx: Context) -> NodeType:
+    x = ctx.arg(0, "input")
+    t = dict(ctx.type_of(x))
+    nd = len(ctx.shape_of(x))
+    if ctx.module is not None:
+        dim = ctx.module.dim
+    elif ctx.node.target is F.normalize:
+        dim = ctx.arg(2, "dim", 1)
+    else:
+        dim = ctx.arg(1, "dim")
+    dims = _dims(dim, nd) or set(t)
+    for axis in dims & set(t):
+        ctx.inexact(t[axis], f"{ctx.node.name} normalises over channels")
+    return t

@@ -1,0 +1,184 @@
+"""View, reshape, flatten, squeeze, permute, transpose, expand: follow the channel axis through them.
+
+Reshapes are read from the input and output shapes, split into blocks of axes with equal
+products. A block that merges a tracked axis with untracked ones (flatten C,H,W) repeats each
+channel over the merged positions. A block that splits a tracked axis (channel shuffle, heads)
+keeps the innermost part tracked and couples the outer parts, so a prune keeps a product shape
+the runtime reshape can still express. Literal sizes in the call are rewritten after a shrink.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from ptgraph.channels import TensorType
+from ptgraph.passes.flow import Context, Counter, NodeType, freeze_everything
+from ptgraph.passes.rules import rule
+
+
+def _blocks(a: tuple, b: tuple) -> list[tuple[list[int], list[int]]] | None:
+    """Pair runs of input axes with runs of output axes that hold the same number of elements."""
+    if 0 in a or 0 in b:
+        return None
+    out, i, j = [], 0, 0
+    while i < len(a) or j < len(b):
+        si, sj, pa, pb = i, j, 1, 1
+        if i < len(a):
+            pa, i = pa * a[i], i + 1
+        if j < len(b):
+            pb, j = pb * b[j], j + 1
+        while pa != pb:
+            if pa < pb and i < len(a):
+                pa, i = pa * a[i], i + 1
+            elif pb < pa and j < len(b):
+                pb, j = pb * b[j], j + 1
+            else:
+                return None
+        out.append((list(range(si, i)), list(range(sj, j))))
+    return out
+
+
+def reshape_type(ctx: Context, t: TensorType, a: tuple, b: tuple) -> TensorType:
+    blocks = _blocks(a, b)
+    if blocks is None:
+        ctx.freeze(t)
+        return {}
+    out: TensorType = {}
+    for ins, outs in blocks:
+        typed = [d for d in ins if d in t]
+        if not typed:
+            continue
+        if len(typed) > 1 or not outs or (len(ins) > 1 and len(outs) > 1):
+            for d in typed:
+                ctx.freeze(t[d], f"reshape mixes channel axes ({ctx.node.name})")
+            continue
+        d = typed[0]
+        view = [1] * len(ins)
+        view[ins.index(d)] = a[d]
+        block = np.broadcast_to(t[d].reshape(view), [a[k] for k in ins]).reshape([b[k] for k in outs])
+        if len(outs) == 1:
+            out[outs[0]] = np.ascontiguousarray(block)
+            continue
+        inner = max(k for k in range(len(outs)) if b[outs[k]] > 1)
+        rows = np.moveaxis(block, inner, -1).reshape(-1, b[outs[inner]])
+        if len(rows) > 1:
+            ctx.unify(np.broadcast_to(rows[:1], rows[1:].shape), rows[1:])
+        out[outs[inner]] = rows[0].copy()
+    return out
+
+
+def _rewrite_sizes(ctx: Context, out_type: TensorType, arg_index: int) -> None:
+    """After a shrink, literal sizes of tracked output axes in node.args[arg_index:] are updated."""
+    node = ctx.node
+    flat = len(node.args) == arg_index + 1 and isinstance(node.args[arg_index], (tuple, list))
+    sizes = list(node.args[arg_index]) if flat else list(node.args[arg_index:])
+    literal = {a: ids for a, ids in out_type.items()
+               if a < len(sizes) and isinstance(sizes[a], int) and sizes[a] != -1}
+    if not literal:
+        return
+
+    def fix(count: Counter) -> None:
+        new = list(sizes)
+        for a, ids in literal.items():
+            new[a] = count(ids)
+        node.args = node.args[:arg_index] + ((type(node.args[arg_index])(new),) if flat else tuple(new))
+
+    ctx.rewrite(fix)
+
+
+@rule("view", "reshape", torch.reshape)
+def view(ctx: Context) -> NodeType:
+    x = ctx.arg(0, "input")
+    t = reshape_type(ctx, ctx.type_of(x), ctx.shape_of(x), ctx.out_shape)
+    if ctx.node.kwargs:
+        ctx.freeze(t, f"{ctx.node.name}: shape given as a keyword")
+        return {}
+    _rewrite_sizes(ctx, t, 1)
+    return t
+
+
+@rule(torch.flatten, "flatten", nn.Flatten, nn.Unflatten, "unflatten", torch.squeeze, "squeeze", torch.unsqueeze,
+      "unsqueeze", torch.atleast_2d)
+def reshape_by_shapes(ctx: Context) -> NodeType:
+    if isinstance(ctx.arg(2, "sizes"), (tuple, list)) and ctx.node.target in ("unflatten",):
+        return freeze_everything(ctx, f"{ctx.node.name}: unflatten with literal sizes")
+    x = ctx.arg(0, "input")
+    return reshape_type(ctx, ctx.type_of(x), ctx.shape_of(x), ctx.out_shape)
+
+
+def _permuted(ctx: Context, perm: list[int]) -> NodeType:
+    t = ctx.type_of(ctx.arg(0, "input"))
+    where = {src: dst for dst, src in enumerate(perm)}
+    return {where[a]: ids for a, ids in t.items()}
+
+
+@rule(torch.permute, "permute")
+def permute(ctx: Context) -> NodeType:
+    nd = len(ctx.out_shape)
+    dims = ctx.node.args[1:] if len(ctx.node.args) > 2 else ctx.arg(1, "dims")
+    if not all(isinstance(d, int) for d in dims):
+        return freeze_everything(ctx)
+    return _permuted(ctx, [d % nd for d in dims])
+
+
+@rule(torch.transpose, "transpose", torch.swapaxes, "swapaxes", torch.movedim, "movedim", "t", torch.t, "mT")
+def transpose(ctx: Context) -> NodeType:
+    nd = len(ctx.out_shape)
+    if ctx.node.target in ("t", torch.t, "mT"):
+        d0, d1 = nd - 2, nd - 1
+    else:
+        d0, d1 = ctx.arg(1, "dim0"), ctx.arg(2, "dim1")
+        if not isinstance(d0, int) or not isinstance(d1, int):
+            return freeze_everything(ctx)
+        d0, d1 = d0 % nd, d1 % nd
+    perm = list(range(nd))
+    if ctx.node.target in (torch.movedim, "movedim"):
+        perm.remove(d0)
+        perm.insert(d1, d0)
+    else:
+        perm[d0], perm[d1] = perm[d1], perm[d0]
+    return _permuted(ctx, perm)
+
+
+@rule("expand")
+def expand(ctx: Context) -> NodeType:
+    x = ctx.arg(0, "input")
+    off = len(ctx.out_shape) - len(ctx.shape_of(x))
+    t = {a + off: ids for a, ids in ctx.type_of(x).items() if ctx.shape_of(x)[a] == ctx.out_shape[a + off]}
+    for a, ids in ctx.type_of(x).items():
+        if a + off not in t:
+            ctx.freeze(ids, f"broadcast of a single channel in {ctx.node.name}")
+    _rewrite_sizes(ctx, t, 1)
+    return t
+
+
+@rule("repeat", torch.tile, "tile")
+def repeat(ctx: Context) -> NodeType:
+    x = ctx.arg(0, "input")
+    off = len(ctx.out_shape) - len(ctx.shape_of(x))
+    t = {}
+    for a, ids in ctx.type_of(x).items():
+        if ctx.out_shape[a + off] == len(ids):
+            t[a + off] = ids
+        else:
+            ctx.freeze(ids, f"channels repeated by {ctx.node.name}")
+    return t
+
+
+@rule("size", "dim", "numel", "ndimension", "nelement", "get_device")
+def shape_query(ctx: Context) -> NodeType:
+    """Sizes read at run time stay true after a shrink; nothing to freeze."""
+    return None
+
+
+@rule(getattr)
+def attribute(ctx: Context) -> NodeType:
+    name = ctx.arg(1)
+    if name in ("shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "layout"):
+        return None
+    if name in ("T", "mT"):
+        nd = len(ctx.out_shape)
+        perm = list(range(nd))[::-1] if name == "T" else [*range(nd - 2), nd - 1, nd - 2]
+        return _permuted(ctx, perm)
+    return freeze_everything(ctx)

@@ -1,0 +1,177 @@
+"""cat, stack, split, chunk, narrow and indexing: channel lists are concatenated and sliced.
+
+Sizes and offsets written into the graph (split sections, slice bounds, chunk counts) are
+rewritten after every shrink from the surviving channels, so each piece keeps its channels.
+"""
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from ptgraph.channels import TensorType
+from ptgraph.passes.flow import Context, Counter, NodeType, freeze_everything
+from ptgraph.passes.rules import rule
+
+
+def _align_other_axes(ctx: Context, parts: list[TensorType], shapes: list[tuple], skip: int | None) -> TensorType:
+    """Unify the operands' channels on every axis but `skip`; an untracked operand there freezes them."""
+    out: TensorType = {}
+    for axis in sorted({a for t in parts for a in t if a != skip}):
+        typed = [t[axis] for t in parts if axis in t]
+        if len(typed) < len(parts) and shapes[0][axis] > 1:
+            for ids in typed:
+                ctx.freeze(ids, f"operand of fixed size in {ctx.node.name}")
+            continue
+        for ids in typed[1:]:
+            ctx.unify(typed[0], ids)
+        out[axis] = typed[0]
+    return out
+
+
+@rule(torch.cat, torch.concat, torch.concatenate)
+def cat(ctx: Context) -> NodeType:
+    tensors = ctx.arg(0, "tensors")
+    if not isinstance(tensors, (list, tuple)) or not all(isinstance(n, fx.Node) for n in tensors):
+        return freeze_everything(ctx)
+    shapes = [ctx.shape_of(n) for n in tensors]
+    nd = len(ctx.out_shape)
+    d = ctx.arg(1, "dim", 0) % nd
+    parts = [ctx.type_of(n) for n in tensors]
+    out = _align_other_axes(ctx, parts, shapes, d)
+    if any(d in t for t in parts):
+        pieces = []
+        for t, s in zip(parts, shapes):
+            if d in t:
+                pieces.append(t[d])
+            else:
+                fixed = ctx.space.new(s[d])
+                ctx.freeze(fixed, f"fixed-size operand of {ctx.node.name}")
+                pieces.append(fixed)
+        out[d] = np.concatenate(pieces)
+    return out
+
+
+@rule(torch.stack)
+def stack(ctx: Context) -> NodeType:
+    tensors = ctx.arg(0, "tensors")
+    if not isinstance(tensors, (list, tuple)) or not all(isinstance(n, fx.Node) for n in tensors):
+        return freeze_everything(ctx)
+    nd = len(ctx.out_shape)
+    d = ctx.arg(1, "dim", 0) % nd
+    parts = [{a + (a >= d): ids for a, ids in ctx.type_of(n).items()} for n in tensors]
+    shapes = [ctx.out_shape] * len(tensors)
+    return _align_other_axes(ctx, parts, shapes, d)
+
+
+@rule(torch.split, "split", torch.chunk, "chunk", torch.tensor_split, "tensor_split", torch.unbind, "unbind")
+def split(ctx: Context) -> NodeType:
+    x = ctx.arg(0, "input")
+    pieces = ctx.out_shape
+    if not isinstance(pieces, tuple) or not pieces:
+        return freeze_everything(ctx)
+    target = ctx.node.target
+    name = target if isinstance(target, str) else target.__name__
+    d = ctx.arg(2 if name != "unbind" else 1, "dim", 0) % len(ctx.shape_of(x))
+    t = ctx.type_of(x)
+    rest = {a: ids for a, ids in t.items() if a != d}
+    if d not in t:
+        return tuple(dict(rest) for _ in pieces)
+    if name == "unbind":
+        ctx.freeze(t[d], f"{ctx.node.name} takes channels one by one")
+        return tuple({a - (a > d): ids for a, ids in rest.items()} for _ in pieces)
+    bounds = np.cumsum([0] + [p[d] for p in pieces])
+    parts = [t[d][bounds[i]:bounds[i + 1]] for i in range(len(pieces))]
+    node = ctx.node
+
+    def fix(count: Counter) -> None:  # every form becomes split with explicit sections
+        node.op, node.target = "call_function", torch.split
+        node.args, node.kwargs = (x, [count(p) for p in parts], d), {}
+
+    ctx.rewrite(fix)
+    return tuple({**rest, d: p} for p in parts)
+
+
+@rule("narrow", torch.narrow)
+def narrow(ctx: Context) -> NodeType:
+    x = ctx.arg(0, "input")
+    nd = len(ctx.shape_of(x))
+    d, start, length = ctx.arg(1, "dim"), ctx.arg(2, "start"), ctx.arg(3, "length")
+    t = dict(ctx.type_of(x))
+    if not all(isinstance(v, int) for v in (d, start, length)):
+        return freeze_everything(ctx)
+    d = d % nd
+    if d not in t:
+        return t
+    ids = t[d]
+    t[d] = ids[start:start + length]
+    node, before, inside = ctx.node, ids[:start], ids[start:start + length]
+
+    def fix(count: Counter) -> None:
+        node.args = (x, d, count(before), count(inside))
+
+    ctx.rewrite(fix)
+    return t
+
+
+@rule(operator.getitem)
+def getitem(ctx: Context) -> NodeType:
+    src, index = ctx.arg(0), ctx.arg(1)
+    st = ctx.flow.types.get(src) if isinstance(src, fx.Node) else None
+    if isinstance(st, tuple):
+        return st[index] if isinstance(index, int) else freeze_everything(ctx)
+    if not isinstance(st, dict):
+        return None if not isinstance(ctx.out_shape, tuple) else freeze_everything(ctx)
+    return _index_tensor(ctx, src, st, index)
+
+
+def _index_tensor(ctx: Context, src: fx.Node, t: TensorType, index: object) -> NodeType:
+    idx = index if isinstance(index, tuple) else (index,)
+    nd = len(ctx.shape_of(src))
+    if any(isinstance(i, (fx.Node, list, torch.Tensor)) for i in idx) or sum(i is Ellipsis for i in idx) > 1:
+        return freeze_everything(ctx, f"advanced indexing ({ctx.node.name})")
+    n_real = sum(i is not None and i is not Ellipsis for i in idx)
+    out: TensorType = {}
+    sliced: dict[int, tuple[np.ndarray, slice]] = {}  # position in idx -> (ids, slice)
+    a = o = 0
+    for pos, i in enumerate(idx):
+        if i is None:
+            o += 1
+        elif i is Ellipsis:
+            for _ in range(nd - n_real):
+                if a in t:
+                    out[o] = t[a]
+                a, o = a + 1, o + 1
+        elif isinstance(i, int):
+            if a in t:
+                ctx.freeze(t[a], f"{ctx.node.name} picks single channels")
+            a += 1
+        elif isinstance(i, slice):
+            if a in t:
+                if i == slice(None):
+                    out[o] = t[a]
+                elif all(v is None or isinstance(v, int) for v in (i.start, i.stop)) and i.step in (None, 1):
+                    out[o] = t[a][i]
+                    sliced[pos] = (t[a], i)
+                else:
+                    ctx.freeze(t[a], f"{ctx.node.name} slices channels with a step")
+            a, o = a + 1, o + 1
+        else:
+            return freeze_everything(ctx)
+    for rest in range(a, nd):
+        if rest in t:
+            out[o + rest - a] = t[rest]
+    if sliced:
+        node = ctx.node
+
+        def fix(count: Counter) -> None:
+            new = list(idx)
+            for pos, (ids, s) in sliced.items():
+                new[pos] = slice(None if s.start is None else count(ids[:s.start]),
+                                 None if s.stop is None else count(ids[:s.stop]))
+            node.args = (src, tuple(new) if isinstance(index, tuple) else new[0])
+
+        ctx.rewrite(fix)
+    return out

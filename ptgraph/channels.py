@@ -1,0 +1,109 @@
+"""Channel types: every channel of every tensor is an integer *element*; coupled elements are unified.
+
+A space is born where channels are born (a parameter axis: a conv's output channels, a
+linear's input features, ...): `ChannelSpace.new(n)` hands out n fresh elements. A tensor's
+type maps each tracked axis to the array of elements along it (`TensorType`). Rules unify
+elements that must be pruned together; a union-find over all elements, vectorised with numpy,
+keeps the classes. One class of elements is one prunable *channel*.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+# axis -> element ids along that axis (len == size of that axis). Empty: the tensor's shape never changes.
+TensorType = dict[int, np.ndarray]
+
+
+class ChannelSpace:
+    """Elements, their union-find, and what is known about them (frozen with a reason, inexact)."""
+
+    def __init__(self) -> None:
+        self._parent = np.zeros(0, dtype=np.int64)
+        self._space = np.zeros(0, dtype=np.int64)  # which birth (space) each element came from
+        self.n_spaces = 0
+        self.reasons: list[str] = []
+        self._frozen = np.zeros(0, dtype=np.int64)  # index into reasons, -1: not frozen
+        self._inexact = np.zeros(0, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self._parent)
+
+    def new(self, n: int) -> np.ndarray:
+        start = len(self._parent)
+        ids = np.arange(start, start + n, dtype=np.int64)
+        self._parent = np.concatenate([self._parent, ids])
+        self._space = np.concatenate([self._space, np.full(n, self.n_spaces, dtype=np.int64)])
+        self._frozen = np.concatenate([self._frozen, np.full(n, -1, dtype=np.int64)])
+        self._inexact = np.concatenate([self._inexact, np.full(n, -1, dtype=np.int64)])
+        self.n_spaces += 1
+        return ids
+
+    def find(self, ids: np.ndarray) -> np.ndarray:
+        parent = self._parent
+        roots = parent[ids]
+        while True:
+            up = parent[roots]
+            if np.array_equal(up, roots):
+                break
+            roots = up
+        parent[ids] = roots  # path compression for the queried elements
+        return roots
+
+    def unify(self, a: np.ndarray, b: np.ndarray) -> None:
+        """Element a[i] and b[i] become one channel, for every i."""
+        a = np.asarray(a, dtype=np.int64).ravel()
+        b = np.asarray(b, dtype=np.int64).ravel()
+        assert a.shape == b.shape, (a.shape, b.shape)
+        while True:
+            ra, rb = self.find(a), self.find(b)
+            diff = ra != rb
+            if not diff.any():
+                return
+            lo = np.minimum(ra[diff], rb[diff])
+            hi = np.maximum(ra[diff], rb[diff])
+            # colliding writes lose links; the loop re-checks until every pair agrees
+            self._parent[hi] = lo
+
+    def unify_all(self, ids: np.ndarray) -> None:
+        ids = np.asarray(ids, dtype=np.int64).ravel()
+        if len(ids) > 1:
+            self.unify(ids[:-1], ids[1:])
+
+    def roots(self) -> np.ndarray:
+        return self.find(np.arange(len(self._parent), dtype=np.int64))
+
+    def space_of(self, ids: np.ndarray) -> np.ndarray:
+        return self._space[ids]
+
+    def _note(self, table: np.ndarray, ids: np.ndarray, reason: str) -> None:
+        ids = np.asarray(ids, dtype=np.int64).ravel()
+        fresh = ids[table[ids] < 0]
+        if len(fresh):
+            self.reasons.append(reason)
+            table[fresh] = len(self.reasons) - 1  # the first reason wins
+
+    def freeze(self, ids: np.ndarray, reason: str) -> None:
+        self._note(self._frozen, ids, reason)
+
+    def mark_inexact(self, ids: np.ndarray, reason: str) -> None:
+        self._note(self._inexact, ids, reason)
+
+    def freeze_type(self, t: TensorType, reason: str) -> None:
+        for ids in t.values():
+            self.freeze(ids, reason)
+
+    def frozen_reason(self, ids: np.ndarray) -> str | None:
+        """The first reason any of these elements was frozen for, or None."""
+        idx = self._frozen[ids]
+        idx = idx[idx >= 0]
+        return self.reasons[int(idx.min())] if len(idx) else None
+
+    def inexact_reason(self, ids: np.ndarray) -> str | None:
+        idx = self._inexact[ids]
+        idx = idx[idx >= 0]
+        return self.reasons[int(idx.min())] if len(idx) else None
+
+
+def shift_axes(t: TensorType, offset: int, start: int = 0) -> TensorType:
+    """Axes >= start move by offset (for unsqueeze-like ops)."""
+    return {(a + offset if a >= start else a): ids for a, ids in t.items()}

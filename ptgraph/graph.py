@@ -1,0 +1,151 @@
+"""The IR: a torch.fx GraphModule with shapes on its nodes, traced in the mode the model trains in."""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import networkx as nx
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ptgraph.errors import UserError
+from ptgraph.shapes import propagate_shapes
+
+
+# Library modules whose forward reads self.training: traced through, the mode would be baked
+# into the graph (stochastic depth would stay on in eval), so they stay single nodes.
+_MODE_DEPENDENT = ("torchvision.ops.stochastic_depth.StochasticDepth",)
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+class _FallbackTracer(fx.Tracer):
+    """Traces through every module it can; a submodule whose forward cannot be traced becomes a leaf.
+
+    The nodes the failed attempt added are rolled back, so the graph holds one call_module node
+    for that submodule, and the analysis freezes the channels at its boundary.
+    """
+
+    def __init__(self, leaf_names: set[str], leaf_types: tuple[type, ...]) -> None:
+        super().__init__()
+        self.leaf_names = leaf_names
+        self.leaf_types = leaf_types
+        self.fallbacks: dict[str, str] = {}
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if qualname in self.leaf_names or qualname in self.fallbacks:
+            return True
+        if self.leaf_types and isinstance(m, self.leaf_types):
+            return True
+        if _qualname(type(m)) in _MODE_DEPENDENT:
+            return True
+        return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
+        qualname = self.path_of_module(m)
+        if qualname == "" or self.is_leaf_module(m, qualname):
+            return super().call_module(m, forward, args, kwargs)
+        last = self.graph._root.prev  # the newest node before this call
+        stack_depth = len(self.module_stack)
+
+        def guarded(*a: Any, **k: Any) -> Any:
+            try:
+                return forward(*a, **k)
+            except Exception as e:  # noqa: BLE001 - any failure in a submodule means: make it a leaf
+                for n in reversed(_nodes_after(self.graph, last)):
+                    self.graph.erase_node(n)
+                while len(self.module_stack) > stack_depth + 1:
+                    self.module_stack.popitem(last=True)
+                self.fallbacks[qualname] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                return self.create_proxy("call_module", qualname, a, k)
+
+        return super().call_module(m, guarded, args, kwargs)
+
+
+def _nodes_after(graph: fx.Graph, last: fx.Node) -> list[fx.Node]:
+    out, n = [], last.next
+    while n is not graph._root:
+        out.append(n)
+        n = n.next
+    return out
+
+
+@dataclass
+class Graph:
+    """A traced model: `module` is the fx GraphModule (the model to train and export from now on).
+
+    Its submodules are the user's own module objects, so shrinking them shows in the original
+    model too. `leaves` names the submodules that could not be traced (and why); `ignored`
+    the ones the user asked to leave alone.
+    """
+
+    module: fx.GraphModule
+    example_inputs: tuple
+    leaves: dict[str, str] = field(default_factory=dict)
+    ignored: tuple[str, ...] = ()
+
+    @property
+    def nodes(self) -> list[fx.Node]:
+        return list(self.module.graph.nodes)
+
+    def to_networkx(self) -> nx.DiGraph:
+        """A networkx view (node name -> op, target, shape), for analyses and drawing."""
+        g = nx.DiGraph()
+        for n in self.module.graph.nodes:
+            g.add_node(n.name, op=n.op, target=str(n.target), shape=n.meta.get("shape"))
+            for user in n.users:
+                g.add_edge(n.name, user.name)
+        return g
+
+    def refresh_shapes(self) -> None:
+        """Re-run shape propagation (after a rewrite that changes shapes)."""
+        propagate_shapes(self.module, self.example_inputs)
+
+
+def trace(
+    model: nn.Module,
+    example_inputs: Any,
+    leaf_modules: Iterable[str | type] = (),
+    ignore: Iterable[str] = (),
+) -> Graph:
+    """Trace `model` symbolically in its current mode (train or eval) and record every node's shape.
+
+    `leaf_modules`: module names or types to keep as single nodes. `ignore`: module names whose
+    channels must never be pruned (they are kept as leaves too). Submodules that fx cannot trace
+    become leaves with a one-line warning; only an untraceable top level is an error.
+    """
+    if not isinstance(example_inputs, tuple):
+        example_inputs = (example_inputs,)
+    names = {m for m in leaf_modules if isinstance(m, str)}
+    types = tuple(m for m in leaf_modules if isinstance(m, type))
+    ignore = tuple(ignore)
+    known = dict(model.named_modules())
+    for name in (*names, *ignore):
+        if name not in known:
+            raise UserError(f"module '{name}' is not in the model; use a name from model.named_modules() (for example '{next(iter(k for k in known if k), '')}')")
+    tracer = _FallbackTracer(names | set(ignore), types)
+    try:
+        graph = tracer.trace(model)
+    except Exception as e:  # noqa: BLE001
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(
+            f"torch.fx cannot trace the top level of {type(model).__name__} ({first}); "
+            f"make its forward free of data-dependent Python control flow, or wrap that part in a submodule"
+        ) from e
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    gm.training = model.training
+    for name, reason in tracer.fallbacks.items():
+        warnings.warn(f"ptgraph: traced '{name}' as a leaf, its channels are frozen ({reason})", stacklevel=2)
+    try:
+        propagate_shapes(gm, example_inputs)
+    except Exception as e:  # noqa: BLE001
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        shapes = ", ".join(str(tuple(x.shape)) for x in example_inputs if isinstance(x, torch.Tensor))
+        raise UserError(
+            f"the model does not run on inputs of shape {shapes} ({first}); pass the input shape it expects with --input-shape"
+        ) from e
+    return Graph(gm, example_inputs, dict(tracer.fallbacks), ignore)
