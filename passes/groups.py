@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from torch import nn
 
 from ptgraph.channels import ChannelSpace
 from ptgraph.graph import Graph
@@ -66,6 +67,36 @@ class ChannelAnalysis:
     def prunable_channel_fraction(self) -> float:
         total = sum(g.size for g in self.groups)
         return sum(g.size for g in self.groups if g.prunable) / total if total else 0.0
+
+    def conv_prunable_fraction(self) -> float:
+        """Share of all conv output channels that sit in prunable groups (the zoo's CNN target)."""
+        prunable = {g.id for g in self.groups if g.prunable}
+        total = hit = 0
+        for name, m in self.graph.module.named_modules():
+            ids = self.flow.param_axes.get(f"{name}.weight", {}).get(
+                1 if isinstance(m, nn.modules.conv._ConvTransposeNd) else 0)
+            if not isinstance(m, nn.modules.conv._ConvNd) or ids is None:
+                continue
+            ids = ids[self.flow.alive[ids]]
+            total += len(ids)
+            hit += int(np.isin(self._group_of_elements(ids), list(prunable)).sum())
+        return hit / total if total else 0.0
+
+    def prunable_params(self) -> int:
+        """Parameters that some prunable group could remove (a weight shared by two groups counts once)."""
+        params = dict(self.graph.module.named_parameters())
+        keep_share: dict[str, float] = {}
+        for g in self.groups:
+            if not g.prunable:
+                continue
+            for m in g.members:
+                p = params.get(m.name)
+                if p is not None:
+                    keep_share[m.name] = keep_share.get(m.name, 1.0) * (1 - len(m.positions) / p.shape[m.axis])
+        return int(round(sum(params[n].numel() * (1 - k) for n, k in keep_share.items())))
+
+    def _group_of_elements(self, ids: np.ndarray) -> np.ndarray:
+        return self._space_group[self.flow.space.space_of(ids)]
 
     @property
     def original_module_runs_pruned(self) -> bool:

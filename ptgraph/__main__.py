@@ -1,0 +1,5 @@
+import sys
+
+from ptgraph.cli import main
+
+sys.exit(main())

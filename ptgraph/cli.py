@@ -1,0 +1,172 @@
+"""The `ptgraph` command line. Errors a user can cause print one line and exit with code 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ptgraph.errors import UserError
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(s) for s in text.replace("x", ",").split(","))
+    except ValueError:
+        raise UserError(f"--input-shape '{text}' is not a list of integers; write it like 1,3,224,224") from None
+    if not shape or any(s <= 0 for s in shape):
+        raise UserError(f"--input-shape '{text}' needs positive sizes; write it like 1,3,224,224")
+    return shape
+
+
+def load_and_trace(args: argparse.Namespace) -> tuple[Any, Any, tuple, dict[str, float]]:
+    """Build the model a spec names, trace it in training mode and analyse its channels."""
+    from ptgraph.graph import trace
+    from ptgraph.passes import analyze_channels
+    from ptgraph.specs import build_model, default_input_shape
+
+    model = build_model(args.model)
+    model.train(args.mode == "train")
+    shape = parse_shape(args.input_shape) if args.input_shape else default_input_shape(args.model)
+    torch.manual_seed(args.seed)
+    inputs = (torch.randn(shape),)
+    t0 = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        graph = trace(model, inputs, leaf_modules=args.leaf, ignore=args.ignore)
+    for w in caught:
+        if str(w.message).startswith("ptgraph:"):
+            print(f"warning: {str(w.message)[len('ptgraph: '):]}", file=sys.stderr)
+    t1 = time.perf_counter()
+    analysis = analyze_channels(graph)
+    t2 = time.perf_counter()
+    return model, analysis, inputs, {"trace": t1 - t0, "analyze": t2 - t1}
+
+
+def summary(analysis: Any, seconds: dict[str, float]) -> dict[str, Any]:
+    from ptgraph.cost import forward_flops
+    from ptgraph.passes import count_params
+
+    gm = analysis.graph.module
+    return {
+        "groups": [
+            {"id": g.id, "size": g.size, "members": len(g.members),
+             "examples": sorted({m.name.rsplit(".", 1)[0] for m in g.members})[:3],
+             "prunable": g.prunable, "exact": g.exact, "reason": g.reason}
+            for g in analysis.groups
+        ],
+        "params": count_params(gm),
+        "prunable_params": analysis.prunable_params(),
+        "prunable_channel_fraction": analysis.prunable_channel_fraction,
+        "conv_prunable_fraction": analysis.conv_prunable_fraction(),
+        "flops": forward_flops(gm),
+        "leaves": analysis.graph.leaves,
+        "original_module_runs_pruned": analysis.original_module_runs_pruned,
+        "seconds": seconds,
+    }
+
+
+def _print_report(info: dict[str, Any], model: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"channel groups of {model}")
+    for col in ("id", "size", "members", "example members", "status", "exact"):
+        table.add_column(col)
+    for g in info["groups"]:
+        status = "prunable" if g["prunable"] else f"frozen: {g['reason']}"
+        exact = "yes" if g["exact"] else ("no: " + (g["reason"] or "") if g["prunable"] else "-")
+        table.add_row(str(g["id"]), str(g["size"]), str(g["members"]), ", ".join(g["examples"]), status, exact)
+    console.print(table)
+    n_prunable = sum(g["prunable"] for g in info["groups"])
+    console.print(
+        f"{len(info['groups'])} groups, {n_prunable} prunable; parameters {info['params']:,} "
+        f"({info['prunable_params']:,} prunable); prunable channels {info['prunable_channel_fraction']:.1%} "
+        f"(conv channels {info['conv_prunable_fraction']:.1%}); {info['flops'] / 1e9:.3f} GFLOPs/sample; "
+        f"trace {info['seconds']['trace']:.3f} s, analysis {info['seconds']['analyze']:.3f} s"
+    )
+    if not info["original_module_runs_pruned"]:
+        console.print("note: a shrink rewrites graph constants (reshape sizes, split sections); "
+                      "run and export the traced graph module, not the original object")
+    if "verify" in info:
+        v = info["verify"]
+        verdict = "[green]OK[/green]" if v["ok"] else "[red]MISMATCH[/red]"
+        console.print(
+            f"verify {verdict}: {v['groups_pruned']} groups pruned; max abs error {v['max_abs_err']:.2e}, "
+            f"relative error {v['rel_err']:.2e}; parameters {v['params_before']:,} -> {v['params_after']:,} "
+            f"(predicted {v['params_predicted']:,}); GFLOPs {v['flops_before'] / 1e9:.3f} -> "
+            f"{v['flops_after'] / 1e9:.3f}; shrink {v['shrink_seconds']:.3f} s"
+        )
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from ptgraph.passes.verify import exercise_zero_params, verify
+
+    _, analysis, inputs, seconds = load_and_trace(args)
+    info = summary(analysis, seconds)
+    ok = True
+    if args.verify:
+        exercise_zero_params(analysis.graph.module, args.seed)
+        result = verify(analysis, inputs, args.ratio, args.seed)
+        info["verify"] = result.as_dict()
+        ok = result.ok
+    if args.json:
+        print(json.dumps(info, indent=1, default=str))
+    else:
+        _print_report(info, args.model)
+    return 0 if ok else 1
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model spec: torchvision:NAME[?k=v], timm:NAME, or module:callable")
+    p.add_argument("--input-shape", default=None, help="example input shape, e.g. 1,3,224,224 (default: the model's)")
+    p.add_argument("--mode", choices=("train", "eval"), default="train",
+                   help="mode to trace in; train keeps training-only branches such as auxiliary heads (default: train)")
+    p.add_argument("--leaf", action="append", default=[], metavar="MODULE",
+                   help="keep this submodule as one node (its boundary channels are frozen); repeatable")
+    p.add_argument("--ignore", action="append", default=[], metavar="MODULE",
+                   help="never prune this submodule's channels; repeatable")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ptgraph", description="PruneTrain for any PyTorch model")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("analyze", help="trace a model and show its channel groups")
+    _common(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    p.add_argument("--verify", action="store_true",
+                   help="prune a random share of every exact group and check shrink against mask")
+    p.add_argument("--ratio", type=float, default=0.3, help="share of channels --verify drops (default: 0.3)")
+    p.set_defaults(run=cmd_analyze)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    run: Callable[[argparse.Namespace], int] = args.run
+    try:
+        return run(args)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - a bug of ours: one line, the traceback with --debug
+        if args.debug:
+            raise
+        print(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Cost model: forward FLOPs per sample, from the shapes on the graph's nodes.
+
+Convolutions, linear layers and matmuls count 2 FLOPs per multiply-add; every other op that
+yields a tensor counts one FLOP per output element. A training step costs about 3x forward.
+"""
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+TRAIN_STEP_FACTOR = 3  # forward + backward (grad wrt inputs and weights)
+
+
+def _numel(shape: object) -> int:
+    if isinstance(shape, tuple) and all(isinstance(s, int) for s in shape):
+        return math.prod(shape)
+    if isinstance(shape, tuple):
+        return sum(_numel(s) for s in shape)
+    return 0
+
+
+def _shape(n: object) -> tuple | None:
+    return n.meta.get("shape") if isinstance(n, fx.Node) else None
+
+
+def node_flops(gm: fx.GraphModule, node: fx.Node) -> int:
+    out = node.meta.get("shape")
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        if isinstance(m, nn.modules.conv._ConvTransposeNd):
+            return 2 * _numel(_shape(node.args[0])) * m.weight[0].numel()
+        if isinstance(m, nn.modules.conv._ConvNd):
+            return 2 * _numel(out) * m.weight[0].numel()
+        if isinstance(m, nn.Linear):
+            return 2 * _numel(out) * m.in_features
+        if isinstance(m, nn.MultiheadAttention):
+            q = _shape(node.args[0]) or ()
+            tokens, e = _numel(q) // max(q[-1], 1) if q else 0, m.embed_dim
+            length = q[0] if q and not m.batch_first else (q[1] if len(q) > 1 else 1)
+            return 2 * tokens * e * 4 * e + 4 * tokens * length * e
+    if node.op == "call_function":
+        if node.target in (F.conv1d, F.conv2d, F.conv3d, F.linear):
+            w = _shape(node.args[1]) or (0,)
+            return 2 * _numel(out) * math.prod(w[1:])
+        if node.target in (torch.matmul, operator.matmul, torch.bmm):
+            a = _shape(node.args[0]) or (0,)
+            return 2 * _numel(out) * a[-1]
+        if node.target is F.scaled_dot_product_attention:
+            q, k = _shape(node.args[0]) or (0,), _shape(node.args[1]) or (0, 0)
+            return 4 * _numel(q) * k[-2]
+    if node.op == "call_method" and node.target in ("matmul", "bmm"):
+        a = _shape(node.args[0]) or (0,)
+        return 2 * _numel(out) * a[-1]
+    if node.op in ("call_module", "call_function", "call_method") and isinstance(out, tuple):
+        return _numel(out)
+    return 0
+
+
+def forward_flops(gm: fx.GraphModule) -> int:
+    """Forward FLOPs for one sample (the traced batch size divided out)."""
+    total = sum(node_flops(gm, n) for n in gm.graph.nodes)
+    batch = next((n.meta["shape"][0] for n in gm.graph.nodes if n.op == "placeholder" and n.meta.get("shape")), 1)
+    return total // max(batch, 1)

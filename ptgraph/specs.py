@@ -1,0 +1,103 @@
+"""Model specs: one string names a model everywhere (CLI, checkpoints, tools).
+
+    torchvision:NAME[?key=value&...]   any name of torchvision.models.list_models()
+    timm:NAME[?key=value&...]          when timm is installed
+    some.module:callable[?key=value]   the user's own code (callable returns an nn.Module)
+
+Values are Python literals (numbers, True/False, tuples); anything else stays a string.
+"""
+from __future__ import annotations
+
+import ast
+import importlib
+import warnings
+from dataclasses import dataclass
+from urllib.parse import parse_qsl
+
+from torch import nn
+
+from ptgraph.errors import UserError
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    source: str  # "torchvision", "timm", or a module path
+    name: str
+    kwargs: tuple[tuple[str, object], ...] = ()
+
+    def __str__(self) -> str:
+        query = "&".join(f"{k}={v}" for k, v in self.kwargs)
+        return f"{self.source}:{self.name}" + (f"?{query}" if query else "")
+
+
+def _literal(value: str) -> object:
+    try:
+        return ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return value
+
+
+def parse_spec(spec: str) -> ModelSpec:
+    head, _, query = spec.partition("?")
+    source, sep, name = head.rpartition(":")
+    if not sep or not source or not name:
+        raise UserError(f"model spec '{spec}' is not SOURCE:NAME; use torchvision:resnet50, timm:NAME or my.module:make_model")
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
+    except ValueError:
+        raise UserError(f"model spec '{spec}' has a malformed ?key=value list; write e.g. torchvision:resnet18?num_classes=10") from None
+    return ModelSpec(source, name, tuple((k, _literal(v)) for k, v in pairs))
+
+
+def build_model(spec: str | ModelSpec) -> nn.Module:
+    """Build the model a spec names, with random weights."""
+    s = parse_spec(spec) if isinstance(spec, str) else spec
+    kwargs = dict(s.kwargs)
+    if s.source == "torchvision":
+        import torchvision
+
+        names = torchvision.models.list_models()
+        if s.name not in names:
+            close = [n for n in names if n.startswith(s.name[:4])][:5]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise UserError(f"torchvision has no model '{s.name}'{hint}; see torchvision.models.list_models()")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _call(lambda: torchvision.models.get_model(s.name, weights=None, **kwargs), s)
+    if s.source == "timm":
+        try:
+            import timm
+        except ImportError:
+            raise UserError(f"'{s}' needs timm, which is not installed; run pip install timm") from None
+        if s.name not in timm.list_models():
+            raise UserError(f"timm has no model '{s.name}'; see timm.list_models()")
+        return _call(lambda: timm.create_model(s.name, pretrained=False, **kwargs), s)
+    try:
+        module = importlib.import_module(s.source)
+    except ImportError as e:
+        raise UserError(f"cannot import module '{s.source}' ({e}); check the spelling and that it is on PYTHONPATH") from None
+    factory = getattr(module, s.name, None)
+    if not callable(factory):
+        raise UserError(f"module '{s.source}' has no callable '{s.name}'; name a function or class that returns an nn.Module")
+    model = _call(lambda: factory(**kwargs), s)
+    if not isinstance(model, nn.Module):
+        raise UserError(f"'{s}' returned {type(model).__name__}, not an nn.Module; name a callable that builds the model")
+    return model
+
+
+def _call(make, spec: ModelSpec) -> nn.Module:
+    try:
+        return make()
+    except TypeError as e:
+        raise UserError(f"cannot build '{spec}' with those arguments ({e}); check the ?key=value list") from None
+
+
+def default_input_shape(spec: str | ModelSpec) -> tuple[int, ...]:
+    """The input a classification model of this spec expects by default (batch of 1)."""
+    s = parse_spec(spec) if isinstance(spec, str) else spec
+    size = dict(s.kwargs).get("image_size")
+    if isinstance(size, int):
+        return (1, 3, size, size)
+    if s.source == "torchvision" and s.name == "inception_v3":
+        return (1, 3, 299, 299)
+    return (1, 3, 224, 224)
