@@ -3,7 +3,8 @@
 Like torch/fx/passes/shape_prop.py, but stores only what the channel analysis and the cost
 model need (`node.meta["shape"]`: a tuple of ints, or a tuple of them for tuple outputs), and
 runs with every parameter and input swapped for a meta tensor, so a ResNet-50 costs
-milliseconds instead of a real forward pass. Ops without a meta kernel fall back to fake tensors.
+milliseconds instead of a real forward pass. A graph with an op that has no meta kernel, or a
+leaf module that reads tensor values, is run once for real instead.
 """
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.func import functional_call
 
 
@@ -83,9 +83,9 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
         tensors = {k: _on_meta(v) for k, v in (*run.named_parameters(), *run.named_buffers())}
         try:
             functional_call(run, tensors, tuple(_on_meta(x) for x in example_inputs), strict=False)
-        except NotImplementedError:  # an op without a meta kernel: fake tensors know more ops
-            with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-                run(*(mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs))
+        except Exception:  # noqa: BLE001 - no meta kernel, or a leaf that reads values: run it for real
+            with torch.no_grad():
+                run(*example_inputs)
     finally:
         for m, training in modes.items():
             m.training = training

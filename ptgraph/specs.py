@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import ast
 import importlib
+import os
+import sys
 import warnings
 from dataclasses import dataclass
 from urllib.parse import parse_qsl
@@ -72,6 +74,8 @@ def build_model(spec: str | ModelSpec) -> nn.Module:
         if s.name not in timm.list_models():
             raise UserError(f"timm has no model '{s.name}'; see timm.list_models()")
         return _call(lambda: timm.create_model(s.name, pretrained=False, **kwargs), s)
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as `python -m` does, so `my_models:net` finds ./my_models.py
     try:
         module = importlib.import_module(s.source)
     except ImportError as e:

@@ -1,0 +1,53 @@
+"""Small models named by specs in the CLI tests (`toy_models:NAME`)."""
+import torch
+from torch import nn
+
+
+class ResidualNet(nn.Module):
+    def __init__(self, width: int = 8, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+        self.body = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.body(x)
+        return self.head(x.mean((2, 3)))
+
+
+class DataDependent(nn.Module):
+    """Python control flow on a tensor value at the top level: fx cannot trace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.conv(x)
+        return -self.conv(x)
+
+
+class Gate(nn.Module):
+    """Untraceable on its own (a branch on a tensor value), fine as a leaf."""
+
+    def forward(self, x):
+        return x if x.mean() > -1e9 else -x
+
+
+class WithUntraceableBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.gate = Gate()
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.c = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        x = self.gate(torch.relu(self.a(x)))
+        return self.c(torch.relu(self.b(x)))
+
+
+def not_a_model():
+    return 42
