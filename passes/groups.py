@@ -69,17 +69,23 @@ class ChannelAnalysis:
         return sum(g.size for g in self.groups if g.prunable) / total if total else 0.0
 
     def conv_prunable_fraction(self) -> float:
-        """Share of all conv output channels that sit in prunable groups (the zoo's CNN target)."""
-        prunable = {g.id for g in self.groups if g.prunable}
+        """Share of conv output channels that sit in prunable groups (the zoo's CNN target).
+
+        Channels frozen only because they are the model's output (a classifier conv's classes)
+        are fixed by the task, not by the analysis, and are left out of the count.
+        """
+        prunable = [g.id for g in self.groups if g.prunable]
+        task = [g.id for g in self.groups if not g.prunable and g.reason == "model output"]
         total = hit = 0
         for name, m in self.graph.module.named_modules():
             ids = self.flow.param_axes.get(f"{name}.weight", {}).get(
                 1 if isinstance(m, nn.modules.conv._ConvTransposeNd) else 0)
             if not isinstance(m, nn.modules.conv._ConvNd) or ids is None:
                 continue
-            ids = ids[self.flow.alive[ids]]
-            total += len(ids)
-            hit += int(np.isin(self._group_of_elements(ids), list(prunable)).sum())
+            groups = self._group_of_elements(ids[self.flow.alive[ids]])
+            groups = groups[~np.isin(groups, task)]
+            total += len(groups)
+            hit += int(np.isin(groups, prunable).sum())
         return hit / total if total else 0.0
 
     def prunable_params(self) -> int:

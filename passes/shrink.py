@@ -79,7 +79,12 @@ def _slice_tensor(module: nn.Module, name: str, axis: int, keep: np.ndarray, sta
     with torch.no_grad():
         if isinstance(t, nn.Parameter):
             grad = t.grad
-            t.data = t.data.index_select(axis, index)
+            new = t.data.index_select(axis, index)
+            # A live autograd graph (last step's loss) keeps the parameter's AccumulateGrad node,
+            # which remembers the old shape; setting data of another dtype first drops it.
+            t.data = torch.empty(0, dtype=torch.float64 if t.dtype != torch.float64 else torch.float32,
+                                 device=t.device)
+            t.data = new
             if grad is not None:
                 t.grad = grad.index_select(axis, index)
             for key, value in state.get(t, {}).items():

@@ -77,11 +77,12 @@ def split(ctx: Context) -> NodeType:
     d = ctx.arg(2 if name != "unbind" else 1, "dim", 0) % len(ctx.shape_of(x))
     t = ctx.type_of(x)
     rest = {a: ids for a, ids in t.items() if a != d}
+    if name == "unbind":  # the split axis disappears
+        if d in t:
+            ctx.freeze(t[d], f"{ctx.node.name} takes channels one by one")
+        return tuple({a - (a > d): ids for a, ids in rest.items()} for _ in pieces)
     if d not in t:
         return tuple(dict(rest) for _ in pieces)
-    if name == "unbind":
-        ctx.freeze(t[d], f"{ctx.node.name} takes channels one by one")
-        return tuple({a - (a > d): ids for a, ids in rest.items()} for _ in pieces)
     bounds = np.cumsum([0] + [p[d] for p in pieces])
     parts = [t[d][bounds[i]:bounds[i + 1]] for i in range(len(pieces))]
     node = ctx.node

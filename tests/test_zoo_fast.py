@@ -1,0 +1,65 @@
+"""The fast subset of the model zoo (tools/zoo.py sweeps all of torchvision; docs/ZOO.md has its numbers).
+
+Each model is built with random weights (no download), traced in train mode, analysed and
+verified on a small input: a random 30% of every exact group is removed by shrink and the
+result must equal the masked model, with the parameter count the groups predict.
+"""
+import warnings
+
+import pytest
+import torch
+import torchvision
+
+from ptgraph.graph import trace
+from ptgraph.passes import analyze_channels
+from ptgraph.passes.verify import TOLERANCE, exercise_zero_params, verify
+
+CNNS = [
+    ("resnet18", 64), ("densenet121", 64), ("mobilenet_v3_small", 64), ("efficientnet_b0", 64),
+    ("regnet_x_400mf", 64), ("shufflenet_v2_x0_5", 64), ("squeezenet1_0", 64), ("convnext_tiny", 64),
+]  # googlenet: below, with its auxiliary heads
+
+
+def _check(model: torch.nn.Module, size: int):
+    model.train()  # train mode keeps auxiliary heads (googlenet) in the graph
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, size, size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = trace(model, (x,))
+    assert not graph.leaves, graph.leaves  # every submodule traced through
+    analysis = analyze_channels(graph)
+    exercise_zero_params(graph.module, 0)
+    share = analysis.conv_prunable_fraction()
+    result = verify(analysis, (x,), ratio=0.3, seed=0)
+    assert result.rel_err <= TOLERANCE, result
+    assert result.params_after == result.params_predicted < result.params_before, result
+    assert result.groups_pruned > 0
+    assert result.ok
+    return analysis, share
+
+
+@pytest.mark.parametrize("name,size", CNNS, ids=[n for n, _ in CNNS])
+def test_cnn_verifies_and_conv_channels_prunable(name, size):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = torchvision.models.get_model(name, weights=None)
+    _, share = _check(model, size)
+    assert share > 0.9, f"{name}: only {share:.1%} of conv channels prunable"
+
+
+def test_googlenet_aux_heads_stay_analysed():
+    # init_weights=False: torchvision's truncated-normal init takes seconds and changes nothing here
+    model = torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=False)
+    analysis, share = _check(model, 64)
+    assert share > 0.9, f"googlenet: only {share:.1%} of conv channels prunable"
+    names = {m.name for g in analysis.groups if g.prunable for m in g.members}
+    assert any(n.startswith("aux1.") for n in names) and any(n.startswith("aux2.") for n in names)
+
+
+def test_small_vit_verifies():
+    model = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                                                 hidden_dim=64, mlp_dim=128, num_classes=10)
+    analysis, _ = _check(model, 32)
+    mlp_hidden = [g for g in analysis.groups if g.prunable and any(".mlp.0." in m.name for m in g.members)]
+    assert len(mlp_hidden) == 2  # one MLP hidden layer per encoder block
