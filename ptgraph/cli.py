@@ -122,6 +122,57 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def cmd_prune_train(args: argparse.Namespace) -> int:
+    from ptgraph.trainers.config import TrainConfig
+    from ptgraph.trainers.loop import train
+
+    if not args.model and not args.resume:
+        raise UserError("prune-train needs --model SPEC (or --resume RUN_DIR)")
+    fields = {f: getattr(args, f) for f in TrainConfig.__dataclass_fields__ if hasattr(args, f)}
+    cfg = TrainConfig(**{**fields, "model": args.model or ""})
+    cfg.check()
+    train(cfg, resume_dir=args.resume)
+    return 0
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser("prune-train", help="train from scratch with group lasso, shrinking the model as it trains",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=None, help="model spec: torchvision:NAME, ptgraph:resnet32, timm:NAME, module:callable")
+    p.add_argument("--data", default="synthetic",
+                   help="synthetic, cifar10:PATH, cifar100:PATH, cifar10-npz:PATH or imagenet:PATH")
+    p.add_argument("--download", action="store_true", help="download CIFAR into its PATH if missing")
+    p.add_argument("--epochs", type=int, default=None, help="epochs (default: 182 CIFAR, 90 ImageNet, 8 synthetic)")
+    p.add_argument("--batch-size", type=int, default=None, help="mini-batch (default: 128 CIFAR, 256 ImageNet, 64 synthetic)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: 0.1 x batch/128 CIFAR, /256 ImageNet)")
+    p.add_argument("--weight-decay", type=float, default=None, help="weight decay (default: 5e-4 CIFAR, 1e-4 ImageNet)")
+    p.add_argument("--schedule", choices=("step", "cosine"), default="step",
+                   help="step: x0.1 at 50/75%% of epochs (CIFAR) or 45/67/90%% (ImageNet); cosine")
+    p.add_argument("--penalty-ratio", type=float, default=0.2, help="group lasso share of the first loss")
+    p.add_argument("--threshold", type=float, default=1e-4, help="channels with a group norm under this are removed")
+    p.add_argument("--lasso", choices=("proximal", "subgradient"), default="proximal",
+                   help="proximal: group soft-thresholding after each step (exact zeros); subgradient: penalty in the loss")
+    p.add_argument("--reconfig-every", type=int, default=10, help="epochs between reconfigurations")
+    p.add_argument("--reconfig-steps", type=int, default=None, help="steps between reconfigurations (overrides epochs)")
+    p.add_argument("--steps-per-epoch", type=int, default=None, help="cap on steps per epoch, for short runs")
+    p.add_argument("--round-to", type=int, default=1, help="keep a multiple of this many channels per group (8 for tensor cores)")
+    p.add_argument("--exact-only", action="store_true", help="prune only groups whose removal is exact (not LayerNorm'd streams)")
+    p.add_argument("--dynamic-batch", action="store_true", help="grow the batch as shrinking frees memory, LR scaled")
+    p.add_argument("--max-batch", type=int, default=None, help="cap for --dynamic-batch (default: 4x --batch-size)")
+    p.add_argument("--dense", action="store_true", help="train without lasso or shrinking: the baseline")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (recompiled after each shrink)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
+                   help="mixed precision on CUDA: auto picks bf16 where supported, else fp16")
+    p.add_argument("--workers", type=int, default=None, help="data loader workers (default: 4 on CUDA, 0 on CPU)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--run-dir", default=None, help="where metrics, report and checkpoint go (default: runs/MODEL-DATE)")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR exactly where it stopped")
+    p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", help="do not write TensorBoard events")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    p.set_defaults(run=cmd_prune_train)
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model spec: torchvision:NAME[?k=v], timm:NAME, or module:callable")
     p.add_argument("--input-shape", default=None, help="example input shape, e.g. 1,3,224,224 (default: the model's)")
@@ -145,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prune a random share of every exact group and check shrink against mask")
     p.add_argument("--ratio", type=float, default=0.3, help="share of channels --verify drops (default: 0.3)")
     p.set_defaults(run=cmd_analyze)
+    _train_parser(sub)
     return parser
 
 

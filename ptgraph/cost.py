@@ -66,3 +66,10 @@ def forward_flops(gm: fx.GraphModule) -> int:
     total = sum(node_flops(gm, n) for n in gm.graph.nodes)
     batch = next((n.meta["shape"][0] for n in gm.graph.nodes if n.op == "placeholder" and n.meta.get("shape")), 1)
     return total // max(batch, 1)
+
+
+def activation_elements(gm: fx.GraphModule) -> int:
+    """Elements of every intermediate tensor per sample: what training keeps for backward, roughly."""
+    total = sum(_numel(n.meta.get("shape")) for n in gm.graph.nodes if n.op in ("call_module", "call_function", "call_method"))
+    batch = next((n.meta["shape"][0] for n in gm.graph.nodes if n.op == "placeholder" and n.meta.get("shape")), 1)
+    return total // max(batch, 1)

@@ -1,6 +1,7 @@
 """Model specs: one string names a model everywhere (CLI, checkpoints, tools).
 
     torchvision:NAME[?key=value&...]   any name of torchvision.models.list_models()
+    ptgraph:NAME[?num_classes=10]      the paper's CIFAR ResNets: resnet20/32/56/110, resnet50
     timm:NAME[?key=value&...]          when timm is installed
     some.module:callable[?key=value]   the user's own code (callable returns an nn.Module)
 
@@ -23,7 +24,7 @@ from ptgraph.errors import UserError
 
 @dataclass(frozen=True)
 class ModelSpec:
-    source: str  # "torchvision", "timm", or a module path
+    source: str  # "torchvision", "ptgraph", "timm", or a module path
     name: str
     kwargs: tuple[tuple[str, object], ...] = ()
 
@@ -66,6 +67,12 @@ def build_model(spec: str | ModelSpec) -> nn.Module:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return _call(lambda: torchvision.models.get_model(s.name, weights=None, **kwargs), s)
+    if s.source == "ptgraph":
+        from ptgraph.cifar_models import MODELS
+
+        if s.name not in MODELS:
+            raise UserError(f"ptgraph has no built-in model '{s.name}'; choose one of {', '.join(MODELS)}")
+        return _call(lambda: MODELS[s.name](**kwargs), s)
     if s.source == "timm":
         try:
             import timm
@@ -104,4 +111,6 @@ def default_input_shape(spec: str | ModelSpec) -> tuple[int, ...]:
         return (1, 3, size, size)
     if s.source == "torchvision" and s.name == "inception_v3":
         return (1, 3, 299, 299)
+    if s.source == "ptgraph":
+        return (1, 3, 32, 32)
     return (1, 3, 224, 224)

@@ -1,0 +1,4 @@
+"""Training loops that use the passes: PruneTrain."""
+from ptgraph.trainers.prunetrain import PruneTrain, Reconfiguration
+
+__all__ = ["PruneTrain", "Reconfiguration"]

@@ -1,0 +1,67 @@
+"""Checkpoints: the model spec plus every applied plan rebuilds the architecture; state rides along.
+
+Writes are atomic (a temporary file, fsync, then os.replace), so a run killed during a save
+leaves the previous checkpoint intact.
+"""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ptgraph.errors import UserError
+
+FORMAT = "ptgraph-prunetrain"
+VERSION = 1
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(path: Path, payload: dict[str, Any]) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({"format": FORMAT, "version": VERSION, **payload}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"cannot write checkpoint {path} ({e.strerror}); choose a writable --run-dir with free space") from None
+
+
+def load(path: Path) -> dict[str, Any]:
+    """Load a checkpoint file, or the checkpoint.pt of a run directory."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoint.pt"
+    if not path.exists():
+        raise UserError(f"no checkpoint at {path}; pass a run directory of ptgraph prune-train or its checkpoint.pt")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - truncated or not a torch file at all
+        raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}); it is truncated or not a ptgraph "
+                        f"checkpoint, restore it or start a new run") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise UserError(f"{path} is not a ptgraph prune-train checkpoint; pass the run directory it wrote")
+    if payload.get("version") != VERSION:
+        raise UserError(f"{path} has checkpoint version {payload.get('version')}, this ptgraph reads {VERSION}; "
+                        f"use the ptgraph release that wrote it")
+    return payload

@@ -1,0 +1,71 @@
+"""TrainConfig: every knob of `ptgraph prune-train`, with the paper's defaults filled in per data family."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from ptgraph.errors import UserError
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str
+    data: str = "synthetic"
+    epochs: int | None = None  # cifar 182, imagenet 90, synthetic 8
+    batch_size: int | None = None  # cifar 128, imagenet 256, synthetic 64
+    lr: float | None = None  # 0.1 * batch / 128 (cifar) or / 256 (imagenet)
+    weight_decay: float | None = None  # 5e-4 (cifar) or 1e-4 (imagenet)
+    momentum: float = 0.9
+    schedule: str = "step"  # step: x0.1 at 50/75% (cifar) or 45/67/90% (imagenet); or cosine
+    penalty_ratio: float = 0.2
+    threshold: float = 1e-4
+    lasso: str = "proximal"  # proximal (group soft-thresholding) or subgradient (penalty in the loss)
+    reconfig_every: int = 10  # epochs
+    reconfig_steps: int | None = None  # overrides reconfig_every
+    steps_per_epoch: int | None = None
+    round_to: int = 1
+    exact_only: bool = False
+    dynamic_batch: bool = False
+    max_batch: int | None = None
+    dense: bool = False
+    compile: bool = False
+    device: str = "auto"
+    amp: str = "auto"  # auto: bf16 where supported on CUDA, else fp16 with a GradScaler; off on the CPU
+    workers: int | None = None
+    seed: int = 0
+    run_dir: str | None = None
+    download: bool = False
+    tensorboard: bool = True
+
+    def resolved(self, family: str) -> "TrainConfig":
+        """Fill the defaults that depend on the data family, and check the values."""
+        imagenet = family == "imagenet"
+        epochs = self.epochs or (90 if imagenet else 182 if self.data != "synthetic" else 8)
+        batch = self.batch_size or (256 if imagenet else 128 if self.data != "synthetic" else 64)
+        lr = self.lr if self.lr is not None else 0.1 * batch / (256 if imagenet else 128)
+        wd = self.weight_decay if self.weight_decay is not None else (1e-4 if imagenet else 5e-4)
+        cfg = dataclasses.replace(self, epochs=epochs, batch_size=batch, lr=lr, weight_decay=wd)
+        cfg.check()
+        return cfg
+
+    def milestones(self, family: str) -> list[int]:
+        fractions = (0.45, 0.67, 0.9) if family == "imagenet" else (0.5, 0.75)
+        return [max(1, round(f * self.epochs)) for f in fractions]
+
+    def check(self) -> None:
+        rules = [
+            (self.epochs is None or self.epochs > 0, "--epochs must be positive"),
+            (self.batch_size is None or self.batch_size > 0, "--batch-size must be positive"),
+            (0 <= self.penalty_ratio < 1, "--penalty-ratio must be in [0, 1), e.g. 0.2"),
+            (self.threshold >= 0, "--threshold must be non-negative, e.g. 1e-4"),
+            (self.reconfig_every > 0, "--reconfig-every must be a positive number of epochs"),
+            (self.reconfig_steps is None or self.reconfig_steps > 0, "--reconfig-steps must be positive"),
+            (self.steps_per_epoch is None or self.steps_per_epoch > 0, "--steps-per-epoch must be positive"),
+            (self.round_to >= 1, "--round-to must be 1 or more"),
+            (self.schedule in ("step", "cosine"), "--schedule must be step or cosine"),
+            (self.lasso in ("proximal", "subgradient"), "--lasso must be proximal or subgradient"),
+            (self.amp in ("auto", "bf16", "fp16", "off"), "--amp must be auto, bf16, fp16 or off"),
+        ]
+        for ok, message in rules:
+            if not ok:
+                raise UserError(message)

@@ -1,0 +1,130 @@
+"""Data sets for `--data SPEC`: synthetic, cifar10/cifar100 folders, the CIFAR-10 JPEG npz, ImageNet folders.
+
+Each spec gives train and validation sets with the standard augmentations (random crop + flip
+for CIFAR; random-resized-crop + flip for ImageNet), the number of classes, the image size
+and the paper's default schedule family ("cifar" or "imagenet").
+"""
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, TensorDataset
+
+from ptgraph.errors import UserError
+
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@dataclass
+class DataSets:
+    train: Dataset
+    val: Dataset
+    num_classes: int
+    image_size: int
+    family: str  # "cifar" (and synthetic) or "imagenet": picks the default schedule
+
+
+def _transforms(family: str, size: int, train: bool):
+    from torchvision import transforms as T
+
+    if family == "imagenet":
+        norm = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+        if train:
+            return T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), norm])
+        return T.Compose([T.Resize(int(size * 256 / 224)), T.CenterCrop(size), T.ToTensor(), norm])
+    norm = T.Normalize(CIFAR_MEAN, CIFAR_STD)
+    if train:
+        return T.Compose([T.RandomCrop(size, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), norm])
+    return T.Compose([T.ToTensor(), norm])
+
+
+def synthetic(n_train: int = 2560, n_val: int = 512, num_classes: int = 10, size: int = 32, seed: int = 0) -> DataSets:
+    """Learnable images: each class is a fixed smooth random pattern, each sample that pattern, randomly
+    shifted and scaled, plus noise. A small CNN gets well above chance in a few hundred steps."""
+    gen = torch.Generator().manual_seed(seed)
+    coarse = torch.randn(num_classes, 3, 4, 4, generator=gen)
+    patterns = torch.nn.functional.interpolate(coarse, size=size + 8, mode="bilinear", align_corners=False)
+
+    def make(n: int) -> TensorDataset:
+        labels = torch.randint(num_classes, (n,), generator=gen)
+        dx, dy = torch.randint(0, 9, (2, n), generator=gen)
+        crops = torch.stack([patterns[c, :, y:y + size, x:x + size] for c, x, y in zip(labels.tolist(), dx.tolist(), dy.tolist())])
+        scale = 0.5 + torch.rand(n, 1, 1, 1, generator=gen)
+        images = crops * scale + 1.0 * torch.randn(n, 3, size, size, generator=gen)
+        return TensorDataset(images, labels)
+
+    return DataSets(make(n_train), make(n_val), num_classes, size, "cifar")
+
+
+class JpegNpz(Dataset):
+    """The CIFAR-10 JPEG-bytes npz (see ../shared/data/README.md), decoded on access."""
+
+    def __init__(self, path: str, split: str, transform) -> None:
+        data = np.load(path)
+        try:
+            self.jpeg = data[f"{split}_jpeg"]
+            self.offsets = data[f"{split}_offsets"]
+            self.labels = data[f"{split}_labels"].astype(np.int64)
+        except KeyError as e:
+            raise UserError(f"{path} is not a CIFAR JPEG npz (missing {e}); pass the cifar10-jpeg.npz file") from None
+        self.classes = [str(c) for c in data["classes"]] if "classes" in data else list(range(10))
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        raw = self.jpeg[self.offsets[i]:self.offsets[i + 1]].tobytes()
+        image = Image.open(io.BytesIO(raw)).convert("RGB")
+        return self.transform(image), int(self.labels[i])
+
+
+def _need(path: str, what: str) -> None:
+    if not os.path.exists(path):
+        raise UserError(f"data path '{path}' does not exist; pass {what}")
+
+
+def load_data(spec: str, download: bool = False, image_size: int | None = None) -> DataSets:
+    """Parse `--data` and build the data sets."""
+    kind, _, path = spec.partition(":")
+    if kind == "synthetic":
+        return synthetic(size=image_size or 32)
+    if kind in ("cifar10", "cifar100"):
+        from torchvision import datasets
+
+        cls = datasets.CIFAR10 if kind == "cifar10" else datasets.CIFAR100
+        if not path:
+            raise UserError(f"--data {kind} needs a folder: --data {kind}:PATH (add --download to fetch it)")
+        if not download:
+            _need(path, f"the folder that holds {kind} (or add --download)")
+        try:
+            train = cls(path, train=True, download=download, transform=_transforms("cifar", 32, True))
+            val = cls(path, train=False, download=download, transform=_transforms("cifar", 32, False))
+        except RuntimeError as e:
+            raise UserError(f"cannot read {kind} from '{path}' ({e}); add --download or fix the path") from None
+        return DataSets(train, val, 10 if kind == "cifar10" else 100, 32, "cifar")
+    if kind == "cifar10-npz":
+        _need(path, "the path of cifar10-jpeg.npz")
+        train = JpegNpz(path, "train", _transforms("cifar", 32, True))
+        val = JpegNpz(path, "test", _transforms("cifar", 32, False))
+        return DataSets(train, val, len(train.classes), 32, "cifar")
+    if kind == "imagenet":
+        from torchvision import datasets
+
+        _need(path, "an ImageFolder tree with train/ and val/")
+        for sub in ("train", "val"):
+            _need(os.path.join(path, sub), f"an ImageFolder tree with train/ and val/ under {path}")
+        size = image_size or 224
+        train = datasets.ImageFolder(os.path.join(path, "train"), _transforms("imagenet", size, True))
+        val = datasets.ImageFolder(os.path.join(path, "val"), _transforms("imagenet", size, False))
+        if len(train.classes) != len(val.classes):
+            raise UserError(f"{path}/train has {len(train.classes)} classes but val/ has {len(val.classes)}; use matching folders")
+        return DataSets(train, val, len(train.classes), size, "imagenet")
+    raise UserError(f"unknown --data '{spec}'; use synthetic, cifar10:PATH, cifar100:PATH, cifar10-npz:PATH or imagenet:PATH")

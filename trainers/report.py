@@ -1,0 +1,91 @@
+"""What a run leaves behind: metrics.jsonl, TensorBoard events (when installed) and report.md with plots."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLog:
+    """One JSON object per line, appended; TensorBoard scalars too when tensorboard is installed."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True) -> None:
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(Path(run_dir) / "tb"))
+            except ImportError:
+                self.writer = None
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None and record.get("kind") == "epoch":
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "epoch":
+                    self.writer.add_scalar(key, value, record["epoch"])
+            self.writer.flush()
+
+    def truncate_after(self, epoch: int) -> None:
+        """On resume: forget records of epochs the checkpoint does not contain."""
+        if not self.path.exists():
+            return
+        keep = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("epoch", 0) <= epoch]
+        self.path.write_text("".join(line + "\n" for line in keep))
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def write_report(run_dir: Path, records: list[dict[str, Any]], widths_before: dict[str, int],
+                 widths_after: dict[str, int], summary: dict[str, Any]) -> Path:
+    """report.md with two PNGs: accuracy and FLOPs per epoch, and per-layer widths before/after."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    epochs = [r for r in records if r.get("kind") == "epoch"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    xs = [r["epoch"] for r in epochs]
+    ax.plot(xs, [100 * r["val_acc"] for r in epochs], "o-", color="tab:blue", label="val accuracy (%)")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("val accuracy (%)", color="tab:blue")
+    ax2 = ax.twinx()
+    ax2.plot(xs, [r["flops"] / 1e6 for r in epochs], "s--", color="tab:red", label="MFLOPs / image")
+    ax2.set_ylabel("forward MFLOPs per image", color="tab:red")
+    ax.set_title("accuracy and model cost over training")
+    fig.tight_layout()
+    fig.savefig(run_dir / "training.png", dpi=110)
+    plt.close(fig)
+
+    names = list(widths_before)
+    fig, ax = plt.subplots(figsize=(max(7, len(names) * 0.18), 4))
+    ax.bar(range(len(names)), [widths_before[n] for n in names], color="lightgray", label="dense")
+    ax.bar(range(len(names)), [widths_after.get(n, 0) for n in names], color="tab:green", label="pruned")
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=90, fontsize=6)
+    ax.set_ylabel("output channels")
+    ax.legend()
+    ax.set_title("per-layer width before and after")
+    fig.tight_layout()
+    fig.savefig(run_dir / "widths.png", dpi=110)
+    plt.close(fig)
+
+    lines = ["# PruneTrain report", ""]
+    lines += [f"- {k}: {v}" for k, v in summary.items()]
+    lines += ["", "![accuracy and FLOPs](training.png)", "", "![layer widths](widths.png)", "",
+              "| epoch | train loss | val acc | FLOPs/img | train FLOPs (cum.) | share of dense | time (s) |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in epochs:
+        lines.append(f"| {r['epoch']} | {r['train_loss']:.4f} | {100 * r['val_acc']:.2f}% | {r['flops'] / 1e6:.1f} M | "
+                     f"{r['train_flops'] / 1e12:.3f} T | {100 * r['train_flops_share']:.1f}% | {r['seconds']:.1f} |")
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
