@@ -24,17 +24,27 @@ class ChannelSpace:
         self.reasons: list[str] = []
         self._frozen = np.zeros(0, dtype=np.int64)  # index into reasons, -1: not frozen
         self._inexact = np.zeros(0, dtype=np.int64)
+        self._buffers = [self._parent, self._space, self._frozen, self._inexact]
 
     def __len__(self) -> int:
         return len(self._parent)
 
     def new(self, n: int) -> np.ndarray:
         start = len(self._parent)
-        ids = np.arange(start, start + n, dtype=np.int64)
-        self._parent = np.concatenate([self._parent, ids])
-        self._space = np.concatenate([self._space, np.full(n, self.n_spaces, dtype=np.int64)])
-        self._frozen = np.concatenate([self._frozen, np.full(n, -1, dtype=np.int64)])
-        self._inexact = np.concatenate([self._inexact, np.full(n, -1, dtype=np.int64)])
+        end = start + n
+        ids = np.arange(start, end, dtype=np.int64)
+        views = (self._parent, self._space, self._frozen, self._inexact)
+        # the arrays are exact-length views of buffers that grow geometrically (a model has thousands
+        # of spaces); a copy (pickle, deepcopy) holds plain arrays, so then the buffers are rebuilt
+        if end > len(self._buffers[0]) or not all(v is b or v.base is b for v, b in zip(views, self._buffers)):
+            cap = max(end, 2 * start, 1024)
+            self._buffers = [np.concatenate([v, np.zeros(cap - start, dtype=np.int64)]) for v in views]
+        parent, space, frozen, inexact = self._buffers
+        parent[start:end] = ids
+        space[start:end] = self.n_spaces
+        frozen[start:end] = -1
+        inexact[start:end] = -1
+        self._parent, self._space, self._frozen, self._inexact = (b[:end] for b in self._buffers)
         self.n_spaces += 1
         return ids
 

@@ -51,3 +51,10 @@ class WithUntraceableBlock(nn.Module):
 
 def not_a_model():
     return 42
+
+
+def small_resnet(num_classes: int = 10):
+    """A three-stage CIFAR ResNet with one block per stage, narrow enough for second-long training tests."""
+    from ptgraph.cifar_models import BasicBlock, CifarResNet
+
+    return CifarResNet(BasicBlock, [1, 1, 1], [8, 16, 16], num_classes)
