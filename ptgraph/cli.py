@@ -93,6 +93,10 @@ def _print_report(info: dict[str, Any], model: str) -> None:
     if not info["original_module_runs_pruned"]:
         console.print("note: a shrink rewrites graph constants (reshape sizes, split sections); "
                       "run and export the traced graph module, not the original object")
+    if "onnx" in info:
+        o = info["onnx"]
+        console.print(f"onnx {'[green]OK[/green]' if o['ok'] else '[red]MISMATCH[/red]'}: {o['exporter']} exporter, "
+                      f"opset {o['opset']}, relative error {o['rel_err']:.2e}, {o['file_bytes'] / 1e6:.2f} MB")
     if "verify" in info:
         v = info["verify"]
         verdict = "[green]OK[/green]" if v["ok"] else "[red]MISMATCH[/red]"
@@ -115,11 +119,55 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         result = verify(analysis, inputs, args.ratio, args.seed)
         info["verify"] = result.as_dict()
         ok = result.ok
+        if args.onnx:
+            import tempfile
+
+            from ptgraph.export import export
+
+            with tempfile.TemporaryDirectory() as tmp:
+                onnx_result = export(analysis.graph.module, inputs, f"{tmp}/model.onnx")
+            info["onnx"] = {k: v for k, v in onnx_result.as_dict().items() if k != "path"}
+            ok = ok and onnx_result.ok
     if args.json:
         print(json.dumps(info, indent=1, default=str))
     else:
         _print_report(info, args.model)
     return 0 if ok else 1
+
+
+def _print_export(r: Any) -> None:
+    verdict = "OK" if r.ok else "MISMATCH"
+    print(f"exported {r.path} ({r.exporter} exporter, opset {r.opset}, {r.file_bytes / 1e6:.2f} MB, "
+          f"{r.params:,} parameters); onnxruntime {verdict}: max abs error {r.max_abs_err:.2e}, "
+          f"relative error {r.rel_err:.2e}")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from ptgraph.cost import forward_flops
+    from ptgraph.export import export
+
+    if bool(args.source) == bool(args.model):
+        raise UserError("export needs either a RUN_DIR/checkpoint or --model SPEC (not both)")
+    if args.source:
+        from ptgraph.trainers.checkpoint import load, rebuild
+
+        model, shape = rebuild(load(args.source))
+        shape = (1, *shape[1:])
+    else:
+        args.mode = "eval"
+        _, analysis, inputs, _ = load_and_trace(args)
+        model, shape = analysis.graph.module, tuple(inputs[0].shape)
+    if args.input_shape:
+        shape = parse_shape(args.input_shape)
+    torch.manual_seed(args.seed)
+    result = export(model, (torch.randn(shape),), args.out, args.opset, args.dynamic_batch)
+    info = {**result.as_dict(), "flops": forward_flops(model)}
+    if args.json:
+        print(json.dumps(info, indent=1))
+    else:
+        _print_export(result)
+        print(f"{info['flops'] / 1e9:.3f} GFLOPs per sample")
+    return 0 if result.ok else 1
 
 
 def cmd_prune_train(args: argparse.Namespace) -> int:
@@ -195,7 +243,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true",
                    help="prune a random share of every exact group and check shrink against mask")
     p.add_argument("--ratio", type=float, default=0.3, help="share of channels --verify drops (default: 0.3)")
+    p.add_argument("--onnx", action="store_true", help="with --verify: also export the shrunk model and check it in onnxruntime")
     p.set_defaults(run=cmd_analyze)
+    p = sub.add_parser("export", help="export a pruned run (or a model spec) to ONNX, checked against onnxruntime")
+    p.add_argument("source", nargs="?", default=None, help="a prune-train run directory or its checkpoint.pt")
+    p.add_argument("--model", default=None, help="export a model spec straight away instead (no training)")
+    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
+    p.add_argument("--input-shape", default=None, help="input shape to export with (default: the traced one, batch 1)")
+    p.add_argument("--dynamic-batch", action="store_true", help="make the batch dimension dynamic")
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    p.add_argument("--leaf", action="append", default=[], help=argparse.SUPPRESS)
+    p.add_argument("--ignore", action="append", default=[], help=argparse.SUPPRESS)
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    p.set_defaults(run=cmd_export, mode="eval")
     _train_parser(sub)
     return parser
 

@@ -65,3 +65,26 @@ def load(path: Path) -> dict[str, Any]:
         raise UserError(f"{path} has checkpoint version {payload.get('version')}, this ptgraph reads {VERSION}; "
                         f"use the ptgraph release that wrote it")
     return payload
+
+
+def rebuild(payload: dict[str, Any]) -> tuple[torch.nn.Module, tuple[int, ...]]:
+    """The pruned model a checkpoint describes: spec -> trace -> replay every plan -> weights.
+
+    Returns the traced graph module (in eval mode) and the input shape it was traced with.
+    """
+    from ptgraph.graph import trace
+    from ptgraph.passes import PrunePlan, analyze_channels, shrink
+    from ptgraph.specs import build_model
+
+    shape = tuple(payload["input_shape"])
+    torch.manual_seed(0)
+    graph = trace(build_model(payload["spec"]).train(), (torch.randn(shape),))
+    analysis = analyze_channels(graph)
+    for plan in payload["plans"]:
+        shrink(analysis, PrunePlan.from_json(plan))
+    try:
+        graph.module.load_state_dict(payload["model"])
+    except RuntimeError as e:
+        raise UserError(f"the checkpoint's weights do not fit the rebuilt model ({str(e).splitlines()[0]}); it was "
+                        f"written by another ptgraph version") from None
+    return graph.module.eval(), shape

@@ -81,7 +81,8 @@ class Run:
         self.spec = _spec_with_classes(cfg.model, self.data.num_classes)
         model = build_model(self.spec).train()
         size = self.data.image_size
-        example = (torch.randn(2, 3, size, size),)
+        self.input_shape = (2, 3, size, size)
+        example = (torch.randn(self.input_shape),)
         graph = trace(model, example)
         n_out = [n for n in graph.module.graph.nodes if n.op == "output"][0].args[0]
         out_shape = getattr(n_out, "meta", {}).get("shape") if not isinstance(n_out, tuple) else None
@@ -130,6 +131,7 @@ class Run:
     def state(self) -> dict[str, Any]:
         return {
             "config": dataclasses.asdict(self.cfg), "spec": self.spec, "plans": [p.to_json() for p in self.pt.plans],
+            "input_shape": self.input_shape,
             "model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
             "scaler": self.scaler.state_dict(), "rng": ckpt.rng_state(), "epoch": self.epoch, "steps": self.pt.steps,
             "lam": self.pt.lam, "batch": self.batch, "lr_scale": self.lr_scale, "train_flops": self.train_flops,

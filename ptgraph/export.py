@@ -1,0 +1,129 @@
+"""ONNX export of a (pruned) model, checked with onnx.checker and against onnxruntime.
+
+The TorchScript-based exporter (`dynamo=False`) needs nothing beyond torch and exports fx
+graph modules as they run, with the rewritten channel constants; it exists across the whole
+supported torch range. Where a torch has dropped it, the dynamo exporter is used (it needs
+onnxscript).
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ptgraph.errors import UserError
+
+TOLERANCE = 1e-4  # relative, float32
+DEFAULT_OPSET = 17
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: str
+    opset: int
+    exporter: str
+    ok: bool
+    max_abs_err: float
+    rel_err: float
+    file_bytes: int
+    params: int
+    op_counts: dict[str, int]
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _flat(out: Any) -> list[np.ndarray]:
+    if isinstance(out, torch.Tensor):
+        return [out.detach().cpu().numpy()]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        return [a for o in out for a in _flat(o)]
+    return []
+
+
+def _export(model: nn.Module, inputs: tuple, path: str, opset: int, dynamic_batch: bool) -> str:
+    names = [f"input{i}" for i in range(len(inputs))]
+    axes = {n: {0: "batch"} for n in names} if dynamic_batch else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(model, inputs, path, input_names=names, opset_version=opset, dynamic_axes=axes,
+                              dynamo=False)
+            return "torchscript"
+        except TypeError:  # a torch without the dynamo switch or without the TorchScript exporter
+            torch.onnx.export(model, inputs, path, input_names=names, opset_version=opset, dynamo=True,
+                              dynamic_shapes=[{0: torch.export.Dim("batch")}] * len(inputs) if dynamic_batch else None)
+            return "dynamo"
+
+
+def export(model: nn.Module, example_inputs: Any, path: str | os.PathLike, opset: int = DEFAULT_OPSET,
+           dynamic_batch: bool = False, check_batch: int | None = None) -> ExportResult:
+    """Export `model` (in eval mode) to ONNX, check it, run the same random batch through onnxruntime and
+    PyTorch, and return the figures. With `dynamic_batch`, the check uses a batch of `check_batch` (default 3)."""
+    import onnx
+    import onnxruntime as ort
+
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    path = str(path)
+    parent = Path(path).resolve().parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise UserError(f"cannot write {path}: folder {parent} does not exist or is not writable; pass another --out")
+    was_training = model.training
+    model.eval()
+    try:
+        try:
+            exporter = _export(model, inputs, path, opset, dynamic_batch)
+        except Exception as e:  # noqa: BLE001 - name the failing op and the opset
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"the ONNX exporter failed at opset {opset} ({first}); try another --opset, or --ignore "
+                            f"the module that holds this op") from None
+        proto = onnx.load(path)
+        onnx.checker.check_model(proto)
+        batch = (check_batch or 3) if dynamic_batch else None
+        check_inputs = tuple(torch.randn((batch, *x.shape[1:]) if batch else x.shape) for x in inputs)
+        with torch.no_grad():
+            want = _flat(model(*check_inputs))
+        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        feed = {i.name: x.numpy() for i, x in zip(session.get_inputs(), check_inputs)}
+        got = session.run(None, feed)
+    finally:
+        model.train(was_training)
+    max_abs, num, den = 0.0, 0.0, 0.0
+    shapes_ok = len(got) == len(want) and all(g.shape == w.shape for g, w in zip(got, want))
+    if shapes_ok:
+        for g, w in zip(got, want):
+            d = np.abs(g.astype(np.float64) - w.astype(np.float64))
+            max_abs = max(max_abs, float(d.max()) if d.size else 0.0)
+            num += float((d ** 2).sum())
+            den += float((w.astype(np.float64) ** 2).sum())
+    rel = math.sqrt(num / den) if den > 0 else max_abs
+    ops = Counter(n.op_type for n in proto.graph.node)
+    return ExportResult(path, opset, exporter, shapes_ok and rel <= TOLERANCE, max_abs, rel, os.path.getsize(path),
+                        sum(p.numel() for p in model.parameters()), dict(sorted(ops.items())))
+
+
+def initializer_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Shapes of the weights (initializers) stored in an ONNX file."""
+    import onnx
+
+    return {t.name: tuple(t.dims) for t in onnx.load(str(path)).graph.initializer}
+
+
+def conv_weight_shapes(path: str | os.PathLike) -> list[tuple[int, ...]]:
+    """The weight shape of every Conv and Gemm node, in graph order (for checking pruned shapes)."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    inits = {t.name: tuple(t.dims) for t in proto.graph.initializer}
+    return [inits[n.input[1]] for n in proto.graph.node if n.op_type in ("Conv", "Gemm") and n.input[1] in inits]
+
