@@ -166,9 +166,13 @@ def _build_groups(flow: ChannelFlow, space_group: np.ndarray) -> tuple[tuple[Cha
     out = []
     gids, sizes = np.unique(ch_group, return_counts=True)
     bounds = np.concatenate([[0], np.cumsum(sizes)])
-    channel_roots = {g: uniq_roots[order][bounds[i]:bounds[i + 1]] for i, g in enumerate(gids.tolist())}
-    for g, size in zip(gids.tolist(), sizes.tolist()):
-        ids = elems[group_of[elems] == g]
+    sorted_roots = uniq_roots[order]
+    channel_roots = {g: sorted_roots[bounds[i]:bounds[i + 1]] for i, g in enumerate(gids.tolist())}
+    elem_group = group_of[elems]
+    by_group = elems[np.argsort(elem_group, kind="stable")]
+    elem_bounds = np.searchsorted(np.sort(elem_group), gids, side="left").tolist() + [len(elems)]
+    for i, (g, size) in enumerate(zip(gids.tolist(), sizes.tolist())):
+        ids = by_group[elem_bounds[i]:elem_bounds[i + 1]]
         frozen = space.frozen_reason(ids)
         inexact = space.inexact_reason(ids)
         out.append(ChannelGroup(g, size, tuple(members.get(g, ())), frozen is None, inexact is None, frozen or inexact))

@@ -51,5 +51,11 @@ def random_plan(groups: Iterable[ChannelGroup], ratio: float, seed: int = 0, exa
             continue
         n_keep = max(1, g.size - math.floor(g.size * ratio))
         if n_keep < g.size:
-            keep[g.id] = tuple(sorted(rng.choice(g.size, n_keep, replace=False).tolist()))
+            kept = np.zeros(g.size, dtype=bool)
+            kept[rng.choice(g.size, n_keep, replace=False)] = True
+            for m in g.members:  # no tensor may lose every channel it holds of this group
+                if len(m.channels) and not kept[m.channels].any():
+                    kept[rng.choice(np.unique(m.channels))] = True
+            if not kept.all():
+                keep[g.id] = tuple(np.nonzero(kept)[0].tolist())
     return PrunePlan(keep)

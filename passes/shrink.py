@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ptgraph.passes.flow import ChannelFlow
+from ptgraph.errors import UserError
+from ptgraph.passes.flow import ChannelFlow, _all_types
 from ptgraph.passes.groups import ChannelAnalysis
 from ptgraph.passes.plan import PrunePlan
 
@@ -33,6 +34,42 @@ def _alive_after(analysis: ChannelAnalysis, plan: PrunePlan) -> np.ndarray:
         return flow.alive.copy()
     roots = flow.space.roots()
     return flow.alive & ~np.isin(roots, np.concatenate(dropped))
+
+
+def _emptied(flow: ChannelFlow, alive: np.ndarray) -> tuple[str, np.ndarray] | None:
+    """A tracked tensor axis of the graph that would keep no channel, with its elements; or None.
+
+    plan.check sees parameters only; a parameter-free piece of a split can lose all its
+    channels too, and most ops (pooling, a view with -1) reject a size-0 channel axis.
+    """
+    for node, t in flow.types.items():
+        for tt in _all_types(t):
+            for axis, ids in tt.items():
+                if len(ids) and flow.alive[ids].any() and not alive[ids].any():
+                    return f"axis {axis} of the tensor '{node.name}'", ids
+    for name, axes in flow.param_axes.items():
+        for axis, ids in axes.items():
+            if len(ids) and flow.alive[ids].any() and not alive[ids].any():
+                return f"axis {axis} of '{name}'", ids
+    return None
+
+
+def keep_every_tensor(analysis: ChannelAnalysis, plan: PrunePlan,
+                      scores: dict[int, np.ndarray] | None = None) -> PrunePlan:
+    """The plan, plus for every tensor it would empty the best of that tensor's channels (highest
+    score, else the first), so that no tensor ends with a size-0 channel axis."""
+    keep = {g: set(k) for g, k in plan.keep.items()}
+    where = {int(r): (g, c) for g in keep for c, r in enumerate(analysis.channel_roots[g])}
+    roots = analysis.flow.space.roots()
+    while True:
+        current = PrunePlan({g: tuple(sorted(k)) for g, k in keep.items()})
+        hit = _emptied(analysis.flow, _alive_after(analysis, current))
+        if hit is None:
+            return current
+        candidates = [where[int(r)] for r in np.unique(roots[hit[1][analysis.flow.alive[hit[1]]]]) if int(r) in where]
+        assert candidates, "an emptied tensor must hold a dropped channel"
+        g, c = max(candidates, key=lambda gc: scores[gc[0]][gc[1]] if scores else -gc[1])
+        keep[g].add(c)
 
 
 def _slices(flow: ChannelFlow, alive: np.ndarray) -> dict[str, list[tuple[int, np.ndarray]]]:
@@ -104,6 +141,10 @@ def shrink(analysis: ChannelAnalysis, plan: PrunePlan, optimizer: torch.optim.Op
     params_before = count_params(gm)
     sizes_before = {g.id: g.size for g in analysis.groups}
     alive = _alive_after(analysis, plan)
+    emptied = _emptied(flow, alive)
+    if emptied:
+        raise UserError(f"the plan removes every channel of {emptied[0]} (a tensor cannot have size 0); "
+                        f"keep at least one of its channels, e.g. with keep_every_tensor(analysis, plan)")
     state = optimizer.state if optimizer is not None else {}
     for name, cuts in _slices(flow, alive).items():
         for axis, keep in cuts:

@@ -12,7 +12,7 @@ from torch import nn
 from ptgraph.cost import forward_flops
 from ptgraph.passes.groups import ChannelAnalysis
 from ptgraph.passes.plan import random_plan
-from ptgraph.passes.shrink import count_params, mask, predict_params, shrink
+from ptgraph.passes.shrink import count_params, keep_every_tensor, mask, predict_params, shrink
 
 TOLERANCE = 1e-4  # relative, float32
 
@@ -60,7 +60,7 @@ def verify(analysis: ChannelAnalysis, inputs: tuple, ratio: float = 0.3, seed: i
     was_training = gm.training
     gm.eval()
     try:
-        plan = random_plan(analysis.groups, ratio, seed)
+        plan = keep_every_tensor(analysis, random_plan(analysis.groups, ratio, seed))
         masked = mask(copy.deepcopy(gm), analysis, plan)
         params_before, flops_before = count_params(gm), forward_flops(gm)
         predicted = predict_params(analysis, plan)

@@ -53,12 +53,17 @@ def _flat(out: Any) -> list[np.ndarray]:
 
 def _export(model: nn.Module, inputs: tuple, path: str, opset: int, dynamic_batch: bool) -> str:
     names = [f"input{i}" for i in range(len(inputs))]
-    axes = {n: {0: "batch"} for n in names} if dynamic_batch else None
+    with torch.no_grad():
+        n_out = len(_flat(model(*inputs)))
+    # explicit output names: the TorchScript exporter otherwise reads them off `model.graph`, which
+    # on an fx GraphModule is the fx graph
+    outputs = [f"output{i}" for i in range(n_out)]
+    axes = {n: {0: "batch"} for n in names + outputs} if dynamic_batch else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            torch.onnx.export(model, inputs, path, input_names=names, opset_version=opset, dynamic_axes=axes,
-                              dynamo=False)
+            torch.onnx.export(model, inputs, path, input_names=names, output_names=outputs, opset_version=opset,
+                              dynamic_axes=axes, dynamo=False)
             return "torchscript"
         except TypeError:  # a torch without the dynamo switch or without the TorchScript exporter
             torch.onnx.export(model, inputs, path, input_names=names, opset_version=opset, dynamo=True,

@@ -8,13 +8,14 @@ float64. The pieces, nested up to a few levels deep:
   multiplier 1 or 2), grouped conv (groups 2 or 4), max/avg pooling, standalone BN + activation
 - residual add, with and without a 1x1 projection on the shortcut, optional post-activation
 - DenseNet-style concatenation cat([x, f(x)]) and multi-branch concatenation
-- split (torch.split with sections or a size, chunk, x[:, a:b] slices, narrow), each piece
+- split (torch.split with sections or a size, chunk, x[:, a:b] slices with positive or
+  negative bounds, narrow), each piece
   processed, and the pieces re-concatenated in a random order
 - squeeze-excitation gating with convs or linears (and several ways back to N,C,1,1)
 - ShuffleNet channel shuffle (view/transpose/view, sizes read at run time or literal), and the
   ShuffleNetV2 unit (chunk, process half, cat, shuffle)
 - heads: none (conv features are the output), pool/mean -> linear, an MLP, flatten(C,H,W) ->
-  linear, view(N, -1) -> linear
+  linear (torch.flatten or nn.Flatten), view(N, -1) -> linear
 
 Activations come as modules (nn.ReLU, nn.SiLU, nn.GELU) and as functions (F.relu, F.silu, F.gelu).
 """
@@ -111,13 +112,16 @@ class SplitCat(nn.Module):
 
     def forward(self, x):
         if self.how == "split_list":
-            parts = torch.split(x, list(self.arg), dim=1)
+            parts = torch.split(x, list(self.arg), dim=-3)
         elif self.how == "split_int":
             parts = x.split(self.arg, 1)
         elif self.how == "chunk":
             parts = torch.chunk(x, self.arg, 1)
         elif self.how == "slice":
             parts = [x[:, a:b] for a, b in self.bounds]
+        elif self.how == "slice_neg":  # the same pieces, counted from the end
+            c = self.bounds[-1][1]
+            parts = [x[:, (a - c if a else None):(b - c if b < c else None)] for a, b in self.bounds]
         else:  # narrow
             parts = [x.narrow(1, a, b - a) for a, b in self.bounds]
         outs = [self.bodies[i](parts[i]) for i in range(len(self.bounds))]
@@ -206,7 +210,8 @@ class Head(nn.Module):
         if kind == "none":
             return
         self.pool = nn.AdaptiveAvgPool2d(1)
-        features = c * hw * hw if kind in ("flatten_linear", "view_linear") else c
+        features = c * hw * hw if kind in ("flatten_linear", "view_linear", "module_flatten") else c
+        self.flatten = nn.Flatten()
         if kind == "mlp":
             self.fc = nn.Sequential(nn.Linear(features, hidden), make_act(act) or nn.Identity(), nn.Linear(hidden, CLASSES))
         else:
@@ -221,6 +226,8 @@ class Head(nn.Module):
             x = x.mean((2, 3))
         elif self.kind == "flatten_linear":
             x = torch.flatten(x, 1)
+        elif self.kind == "module_flatten":
+            x = self.flatten(x)
         else:  # view_linear
             x = x.view(x.size(0), -1)
         return self.fc(x)
@@ -356,17 +363,18 @@ def _block(draw, c: int, hw: int, depth: int, down: bool) -> tuple[tuple, int, i
     if c > MAX_C:  # too wide: narrow it
         cout = draw(st.integers(4, 16))
         return _conv(draw, cout), cout, hw
-    kinds = ["conv", "dw", "bn_act", "se"]
-    if c % 2 == 0:
-        kinds += ["grouped", "shuffle"]
-    if down and hw >= 4:
-        kinds += ["pool", "conv_s2"]
-    if depth > 0:
-        kinds += ["res", "res_proj", "dense", "branches"]
+    if depth > 0 and draw(st.booleans()):  # a block of blocks
+        kinds = ["res", "res_proj", "dense", "branches"]
         if c >= 2:
             kinds.append("split")
         if c % 2 == 0:
             kinds.append("shuffle_unit")
+    else:
+        kinds = ["conv", "dw", "bn_act", "se"]
+        if c % 2 == 0:
+            kinds += ["grouped", "shuffle"]
+        if down and hw >= 4:
+            kinds += ["pool", "conv_s2"]
     kind = draw(st.sampled_from(kinds))
 
     if kind == "conv":
@@ -422,8 +430,8 @@ def _block(draw, c: int, hw: int, depth: int, down: bool) -> tuple[tuple, int, i
             total += cb
         return ("branches", tuple(branches)), total, hw
     if kind == "split":
-        how = draw(st.sampled_from(["split_list", "chunk", "slice", "split_int", "narrow"]))
-        if how in ("split_list", "slice", "narrow"):
+        how = draw(st.sampled_from(["split_list", "chunk", "slice", "split_int", "narrow", "slice_neg"]))
+        if how in ("split_list", "slice", "narrow", "slice_neg"):
             cuts = sorted(draw(st.sets(st.integers(1, c - 1), min_size=1, max_size=min(3, c - 1))))
             arg = tuple(b - a for a, b in zip([0, *cuts], [*cuts, c])) if how == "split_list" else tuple(cuts)
         elif how == "chunk":
@@ -451,7 +459,8 @@ def architectures(draw, max_depth: int = 2) -> Arch:
     """A random small CNN (input BATCH x 3 x 8 x 8), as a printable spec."""
     c0 = draw(st.integers(4, 16))
     stem = (c0, draw(st.sampled_from([3, 1])), draw(st.booleans()), draw(acts))
-    body, c, hw = _seq(draw, c0, HW, draw(st.integers(0, max_depth)), True, min_len=1, max_len=4)
-    head_kind = draw(st.sampled_from(["pool_linear", "none", "mean_linear", "mlp", "flatten_linear", "view_linear"]))
+    body, c, hw = _seq(draw, c0, HW, max_depth, True, min_len=1, max_len=4)
+    head_kind = draw(st.sampled_from(["pool_linear", "none", "mean_linear", "mlp", "flatten_linear", "view_linear",
+                                         "module_flatten"]))
     head = (head_kind, draw(st.integers(2, 8)), draw(acts))
     return Arch(stem, body, head, draw(st.integers(0, 2**16)))

@@ -6,26 +6,41 @@
 3. The shrunk model trains (train-mode outputs and kept gradients equal the masked model's),
    and a second shrink on the refreshed groups still matches its mask.
 4. Optimizer state (SGD momentum, Adam moments) follows its parameter's kept channels.
-Plus unit tests of specific patterns.
+Also: every op the strategy uses has an exact rule (only the model output is frozen), and a
+plan that would leave some tensor with no channel (a split piece, a parameter axis) is
+rejected with a UserError before anything changes; a plan that empties a parameter axis must
+be. Plus unit tests of specific patterns.
+
+PTGRAPH_HYPOTHESIS_SCALE=10 multiplies every test's example count, for a longer bug hunt.
 """
 from __future__ import annotations
 
 import copy
+import os
 from collections import defaultdict
 
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import ptgraph
 from ptgraph.errors import UserError
-from ptgraph.passes import PrunePlan, analyze_channels, count_params, mask, predict_params, random_plan, shrink
+from ptgraph.passes import (
+    PrunePlan, analyze_channels, count_params, keep_every_tensor, mask, predict_params, random_plan, shrink,
+)
 from strategies import architectures
 
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+SCALE = float(os.environ.get("PTGRAPH_HYPOTHESIS_SCALE", "1"))  # e.g. 10 for a long bug hunt
+
+
+def examples(n: int) -> int:
+    return max(1, int(n * SCALE))
+
+
 ratios = st.floats(0.05, 0.9)
 seeds = st.integers(0, 2**16)
 
@@ -33,6 +48,15 @@ seeds = st.integers(0, 2**16)
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: intra-op threads only contend (100x slower on a busy 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def traced(arch):
@@ -48,18 +72,26 @@ def pruning_groups(analysis):
 
 
 def close(got: torch.Tensor, want: torch.Tensor) -> bool:
+    got, want = got.detach(), want.detach()
     return got.shape == want.shape and float((got - want).norm()) <= 1e-5 * float(want.norm()) + 1e-12
 
 
 @st.composite
-def drawn_plans(draw, groups):
-    """A plan drawn channel by channel: some groups untouched, others keep any non-empty subset."""
+def drawn_plans(draw, groups, repair: bool = True):
+    """A plan drawn channel by channel: some groups untouched, others keep any non-empty subset.
+
+    With `repair`, every member slice keeps one of its channels (as random_plan does), so
+    that few plans empty a tensor; without, plans that empty parameters are common.
+    """
     keep = {}
     for g in groups:
         if draw(st.booleans()):
-            kept = sorted(draw(st.sets(st.integers(0, g.size - 1), min_size=1, max_size=g.size)))
+            kept = set(draw(st.sets(st.integers(0, g.size - 1), min_size=1, max_size=g.size)))
+            for m in g.members if repair else ():
+                if not kept & set(m.channels.tolist()):
+                    kept.add(draw(st.sampled_from(sorted(set(m.channels.tolist())))))
             if len(kept) < g.size:
-                keep[g.id] = tuple(kept)
+                keep[g.id] = tuple(sorted(kept))
     return PrunePlan(keep)
 
 
@@ -89,17 +121,54 @@ def expected_count(gm: nn.Module, kept: dict) -> int:
     return sum(sliced(p, kept.get(name, {})).numel() for name, p in gm.named_parameters())
 
 
+def try_shrink(a, plan: PrunePlan, **kwargs):
+    """shrink, or None when it rejects a plan that would leave some tensor without channels.
+
+    A plan that empties a parameter axis must be rejected; any rejection must say why and
+    leave the model and its groups as they were.
+    """
+    gm = a.graph.module
+    kept = kept_positions(gm, a, plan)
+    empties_member = any(len(k) == 0 for axes in kept.values() for k in axes.values())
+    state = {n: t.clone() for n, t in gm.state_dict().items()}
+    sizes = [(g.id, g.size) for g in a.groups]
+    try:
+        report = shrink(a, plan, **kwargs)
+    except UserError as e:
+        assert "removes every channel" in str(e), str(e)
+        assert gm.state_dict().keys() == state.keys()
+        assert all(torch.equal(t, state[n]) for n, t in gm.state_dict().items())
+        assert [(g.id, g.size) for g in a.groups] == sizes
+        event("plan rejected: it would empty a tensor")
+        return None
+    assert not empties_member, "shrink accepted a plan that empties a parameter axis"
+    return report
+
+
+def try_mask(gm: nn.Module, a, plan: PrunePlan):
+    """mask on a copy, or None when it rejects a plan that would empty a parameter (shrink must reject it too)."""
+    try:
+        return mask(copy.deepcopy(gm), a, plan)
+    except UserError as e:
+        assert "removes every channel" in str(e), str(e)
+        return None
+
+
 def check_shrink_matches_mask(g, a, plan: PrunePlan, arch) -> None:
     """Property 1 for one plan: eval-mode outputs of shrink and mask agree; the groups shrank as planned."""
     gm = g.module
     gm.eval()
     sizes = {grp.id: grp.size for grp in a.groups}
-    masked = mask(copy.deepcopy(gm), a, plan)
+    masked = try_mask(gm, a, plan)
     x = arch.inputs(batch=3, seed=1)  # not the traced input: nothing may bake the batch size in
     with torch.no_grad():
-        want = masked(x)
-        report = shrink(a, plan)
-        got = gm(x)
+        before = gm(x)
+        report = try_shrink(a, plan)
+        if masked is None or report is None:
+            assert report is None, "shrink accepted a plan that mask rejects"
+            assert torch.equal(gm(x), before)
+            return
+        got, want = gm(x), masked(x)
     assert close(got, want), (float((got - want).norm()), float(want.norm()))
     assert report.groups == {gid: (sizes[gid], len(keep)) for gid, keep in plan.keep.items() if len(keep) < sizes[gid]}
     for gid, keep in plan.keep.items():
@@ -111,21 +180,43 @@ def check_shrink_matches_mask(g, a, plan: PrunePlan, arch) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-@settings(max_examples=40, **SETTINGS)
+@settings(max_examples=examples(40), **SETTINGS)
 @given(arch=architectures(), ratio=ratios, seed=seeds)
 def test_shrink_matches_mask_random_plan(arch, ratio, seed):
     g, a, _ = traced(arch)
     plan = random_plan(a.groups, ratio, seed)
     assert set(plan.keep) <= {grp.id for grp in pruning_groups(a)}
+    plan.check(a.groups)  # random_plan keeps a channel of every parameter slice
     check_shrink_matches_mask(g, a, plan, arch)
 
 
-@settings(max_examples=40, **SETTINGS)
+@settings(max_examples=examples(40), **SETTINGS)
+@given(arch=architectures(), data=st.data())
+def test_keep_every_tensor_makes_any_plan_shrinkable(arch, data):
+    g, a, _ = traced(arch)
+    plan = data.draw(drawn_plans(pruning_groups(a), repair=False), label="plan")
+    repaired = keep_every_tensor(a, plan)
+    for gid, keep in plan.keep.items():
+        assert set(keep) <= set(repaired.keep[gid])  # it only adds channels back
+    assert try_shrink(a, repaired) is not None, "keep_every_tensor left an empty tensor"
+
+
+@settings(max_examples=examples(40), **SETTINGS)
 @given(arch=architectures(), data=st.data())
 def test_shrink_matches_mask_drawn_plan(arch, data):
     g, a, _ = traced(arch)
-    plan = data.draw(drawn_plans(pruning_groups(a)), label="plan")
+    plan = data.draw(drawn_plans(pruning_groups(a), repair=data.draw(st.booleans(), label="repair")), label="plan")
     check_shrink_matches_mask(g, a, plan, arch)
+
+
+@settings(max_examples=examples(40), **SETTINGS)
+@given(arch=architectures())
+def test_supported_patterns_are_prunable_and_exact(arch):
+    """Every op the strategy uses has an exact rule: nothing is frozen but the model output."""
+    _, a, _ = traced(arch)
+    for grp in a.groups:
+        assert grp.prunable or grp.reason == "model output", grp.reason
+        assert grp.exact, grp.reason
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,7 +224,7 @@ def test_shrink_matches_mask_drawn_plan(arch, data):
 # ---------------------------------------------------------------------------------------------
 
 
-@settings(max_examples=30, **SETTINGS)
+@settings(max_examples=examples(30), **SETTINGS)
 @given(arch=architectures(), data=st.data())
 def test_param_count_is_predicted(arch, data):
     g, a, _ = traced(arch)
@@ -142,7 +233,10 @@ def test_param_count_is_predicted(arch, data):
     before = count_params(gm)
     predicted = predict_params(a, plan)
     from_members = expected_count(gm, kept_positions(gm, a, plan))
-    report = shrink(a, plan)
+    report = try_shrink(a, plan)
+    if report is None:
+        assert count_params(gm) == before
+        return
     assert count_params(gm) == predicted == from_members
     assert (report.params_before, report.params_after) == (before, predicted)
     assert (predicted < before) == bool(plan.keep)
@@ -153,16 +247,18 @@ def test_param_count_is_predicted(arch, data):
 # ---------------------------------------------------------------------------------------------
 
 
-@settings(max_examples=30, **SETTINGS)
+@settings(max_examples=examples(30), **SETTINGS)
 @given(arch=architectures(), data=st.data(), ratio=ratios, seed=seeds)
 def test_shrunk_model_trains_and_shrinks_again(arch, data, ratio, seed):
     g, a, x = traced(arch)
     gm = g.module.train()
     plan = data.draw(drawn_plans(pruning_groups(a)), label="plan")
-    masked = mask(copy.deepcopy(gm), a, plan)
+    masked = try_mask(gm, a, plan)
     kept = kept_positions(gm, a, plan)
     opt = torch.optim.SGD(gm.parameters(), lr=0.01)
-    shrink(a, plan, optimizer=opt)
+    if try_shrink(a, plan, optimizer=opt) is None:
+        masked, kept = copy.deepcopy(gm), {}  # rejected: nothing changed
+    assert masked is not None, "shrink accepted a plan that mask rejects"
 
     # train mode: same outputs as the masked model, and the kept weights get the masked model's gradients
     out, want = gm(x), masked(x)
@@ -187,7 +283,7 @@ def test_shrunk_model_trains_and_shrinks_again(arch, data, ratio, seed):
 # ---------------------------------------------------------------------------------------------
 
 
-@settings(max_examples=30, **SETTINGS)
+@settings(max_examples=examples(30), **SETTINGS)
 @given(arch=architectures(), data=st.data(), kind=st.sampled_from(["sgd", "adam"]))
 def test_optimizer_state_follows_kept_channels(arch, data, kind):
     g, a, x = traced(arch)
@@ -211,7 +307,8 @@ def test_optimizer_state_follows_kept_channels(arch, data, kind):
     old = {name: (p.detach().clone(), p.grad.clone(), {k: opt.state[p][k].clone() for k in keys})
            for name, p in params.items()}
     steps = {name: opt.state[p]["step"].clone() for name, p in params.items() if "step" in opt.state[p]}
-    shrink(a, plan, optimizer=opt)
+    if try_shrink(a, plan, optimizer=opt) is None:
+        kept = {}
 
     assert all(q is params[name] for name, q in gm.named_parameters())  # same Parameter objects
     for name, p in params.items():
@@ -281,8 +378,9 @@ def test_residual_stream_is_one_group():
     want = mask(copy.deepcopy(g.module), a, plan)(x)
     shrink(a, plan)
     assert close(g.module(x), want)
-    assert g.module.stem.out_channels == 4 and g.module.bn.num_features == 4 and g.module.b2[0].groups == 4
-    assert g.module.fc.in_features == 4 and g.module.b1[0].out_channels == 2
+    m = g.module.get_submodule
+    assert m("stem").out_channels == 4 and m("bn").num_features == 4 and m("b2.0").groups == 4
+    assert m("fc").in_features == 4 and m("b1.0").out_channels == 2 and m("b1.2").in_channels == 2
 
 
 class _Dense(nn.Module):
@@ -317,7 +415,7 @@ def test_dense_concatenation_keeps_separate_groups():
     want = mask(copy.deepcopy(g.module), a, plan)(x)
     shrink(a, plan)
     assert close(g.module(x), want)
-    assert g.module.fc.in_features == 6 and g.module.l2[0].num_features == 5
+    assert g.module.fc.in_features == 6 and g.module.get_submodule("l2.0").num_features == 5
 
 
 class _Grouped(nn.Module):

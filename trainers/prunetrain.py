@@ -23,7 +23,7 @@ from torch import nn
 
 from ptgraph.cost import forward_flops
 from ptgraph.graph import Graph, trace
-from ptgraph.passes import ChannelAnalysis, PrunePlan, ShrinkReport, analyze_channels, shrink
+from ptgraph.passes import ChannelAnalysis, PrunePlan, ShrinkReport, analyze_channels, keep_every_tensor, shrink
 from ptgraph.trainers.lasso import ChannelIndex, build_index, channel_sq_norms, group_lasso, proximal_step
 
 
@@ -143,11 +143,12 @@ class PruneTrain:
     def plan(self) -> PrunePlan:
         """The channels to keep: norm at or over the threshold (rounded as configured)."""
         keep = {}
-        for gid, norms in self.channel_norms().items():
-            kept = keep_channels(norms, self.threshold, self.round_to)
-            if len(kept) < len(norms):
+        norms = self.channel_norms()
+        for gid, n in norms.items():
+            kept = keep_channels(n, self.threshold, self.round_to)
+            if len(kept) < len(n):
                 keep[gid] = tuple(kept.tolist())
-        return PrunePlan(keep)
+        return keep_every_tensor(self.analysis, PrunePlan(keep), norms)
 
     def reconfigure(self, plan: PrunePlan | None = None) -> Reconfiguration | None:
         """Remove the channels under the threshold from model and optimizer, in place; None if none are."""

@@ -1,0 +1,97 @@
+"""ONNX export of shrunk models: onnxruntime matches PyTorch, weights have the pruned shapes, the graph is clean."""
+import copy
+
+import pytest
+import torch
+import torchvision
+
+import ptgraph
+from ptgraph.cli import main
+from ptgraph.errors import UserError
+from ptgraph.export import conv_weight_shapes, export
+from ptgraph.passes import analyze_channels, random_plan, shrink
+from ptgraph.trainers.config import TrainConfig
+from ptgraph.trainers.loop import train
+
+JUGGLING = ("Identity", "Shape", "Gather", "Slice", "Unsqueeze", "Squeeze", "Reshape", "Constant", "ConstantOfShape",
+            "Cast", "Expand", "Range")
+SUBSET = ["resnet18", "mobilenet_v3_small", "densenet121", "efficientnet_b0", "regnet_x_400mf", "shufflenet_v2_x0_5"]
+
+
+def _pruned(model, x, ratio=0.3):
+    graph = ptgraph.trace(model, (x,))
+    analysis = analyze_channels(graph)
+    shrink(analysis, random_plan(analysis.groups, ratio, 0))
+    return graph.module.eval()
+
+
+@pytest.mark.parametrize("name", SUBSET)
+def test_torchvision_subset_exports_pruned(tmp_path, name):
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None, num_classes=10)
+    x = torch.randn(1, 3, 64, 64)
+    plain = export(copy.deepcopy(model).eval(), (x,), tmp_path / "plain.onnx")
+    gm = _pruned(model, x)
+    result = export(gm, (x,), tmp_path / "pruned.onnx")
+    assert result.ok, result
+    assert result.rel_err <= 1e-4
+    dense_shapes = conv_weight_shapes(tmp_path / "plain.onnx")
+    pruned_shapes = conv_weight_shapes(tmp_path / "pruned.onnx")
+    assert len(dense_shapes) == len(pruned_shapes)
+    smaller = sum(p[0] < d[0] for p, d in zip(pruned_shapes, dense_shapes))
+    assert smaller >= len(dense_shapes) // 2  # most layers really are narrower in the file
+    torch_shapes = [tuple(m.weight.shape) for m in gm.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    assert sorted(pruned_shapes) == sorted(torch_shapes)
+    # clean: no more identity or shape-juggling ops than a plain export of the eager model, the same convs
+    for op in JUGGLING:
+        assert result.op_counts.get(op, 0) <= plain.op_counts.get(op, 0), (op, result.op_counts, plain.op_counts)
+    for op in ("Conv", "Gemm", "MatMul", "Concat"):
+        assert result.op_counts.get(op, 0) == plain.op_counts.get(op, 0), op
+
+
+def test_dynamic_batch_export(tmp_path):
+    gm = _pruned(torchvision.models.resnet18(num_classes=10), torch.randn(1, 3, 32, 32))
+    result = export(gm, (torch.randn(1, 3, 32, 32),), tmp_path / "m.onnx", dynamic_batch=True, check_batch=5)
+    assert result.ok
+
+
+def test_export_cli_from_run_and_spec(tmp_path, capsys):
+    cfg = TrainConfig(model="toy_models:small_resnet", data="synthetic", epochs=1, batch_size=16, steps_per_epoch=4,
+                      reconfig_steps=2, penalty_ratio=0.5, threshold=2.1, run_dir=str(tmp_path / "run"),
+                      tensorboard=False)
+    summary = train(cfg)
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "run.onnx")]) == 0
+    out = capsys.readouterr().out
+    assert "onnxruntime OK" in out and f"{summary['params']:,} parameters" in out
+    assert main(["export", "--model", "ptgraph:resnet20", "--out", str(tmp_path / "r20.onnx")]) == 0
+    assert "onnxruntime OK" in capsys.readouterr().out
+
+
+class CustomOp(torch.nn.Module):
+    def forward(self, x):
+        return torch.linalg.eigvals(x[0, 0, :2, :2]).real.sum() + x  # no ONNX symbolic
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["/no/such/run", "--out", "x.onnx"], "no checkpoint at"),
+    (["--model", "ptgraph:resnet20", "--out", "/no/such/dir/m.onnx"], "does not exist or is not writable"),
+    (["--model", "toy_models:ResidualNet", "--input-shape", "1,3,8,8", "--out", "{tmp}/m.onnx", "--opset", "3"],
+     "opset 3"),
+])
+def test_export_bad_input(capsys, tmp_path, argv, words):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert main(["export", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and words in err, err
+
+
+def test_export_corrupt_checkpoint(capsys, tmp_path):
+    bad = tmp_path / "checkpoint.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert main(["export", str(tmp_path), "--out", str(tmp_path / "m.onnx")]) == 2
+    assert "truncated" in capsys.readouterr().err
+
+
+def test_unexportable_op_is_named(tmp_path):
+    with pytest.raises(UserError, match="opset 17"):
+        export(CustomOp().eval(), (torch.randn(1, 1, 4, 4),), tmp_path / "m.onnx")
