@@ -183,9 +183,19 @@ def cmd_prune_train(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Defaults(argparse.HelpFormatter):
+    """Appends '(default: X)' to a help line unless it already names its default or has none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False) or action.default is argparse.SUPPRESS:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def _train_parser(sub) -> None:
     p = sub.add_parser("prune-train", help="train from scratch with group lasso, shrinking the model as it trains",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_Defaults)
     p.add_argument("--model", default=None, help="model spec: torchvision:NAME, ptgraph:resnet32, timm:NAME, module:callable")
     p.add_argument("--data", default="synthetic",
                    help="synthetic, cifar10:PATH, cifar100:PATH, cifar10-npz:PATH or imagenet:PATH")
@@ -201,8 +211,8 @@ def _train_parser(sub) -> None:
     p.add_argument("--lasso", choices=("proximal", "subgradient"), default="proximal",
                    help="proximal: group soft-thresholding after each step (exact zeros); subgradient: penalty in the loss")
     p.add_argument("--reconfig-every", type=int, default=10, help="epochs between reconfigurations")
-    p.add_argument("--reconfig-steps", type=int, default=None, help="steps between reconfigurations (overrides epochs)")
-    p.add_argument("--steps-per-epoch", type=int, default=None, help="cap on steps per epoch, for short runs")
+    p.add_argument("--reconfig-steps", type=int, default=None, help="steps between reconfigurations, overriding --reconfig-every (default: off)")
+    p.add_argument("--steps-per-epoch", type=int, default=None, help="cap on steps per epoch, for short runs (default: no cap)")
     p.add_argument("--round-to", type=int, default=1, help="keep a multiple of this many channels per group (8 for tensor cores)")
     p.add_argument("--exact-only", action="store_true", help="prune only groups whose removal is exact (not LayerNorm'd streams)")
     p.add_argument("--dynamic-batch", action="store_true", help="grow the batch as shrinking frees memory, LR scaled")
