@@ -101,10 +101,6 @@ class Graph:
                 g.add_edge(n.name, user.name)
         return g
 
-    def refresh_shapes(self) -> None:
-        """Re-run shape propagation (after a rewrite that changes shapes)."""
-        propagate_shapes(self.module, self.example_inputs)
-
 
 def trace(
     model: nn.Module,

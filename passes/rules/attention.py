@@ -17,24 +17,14 @@ from torch import nn
 from ptgraph.channels import TensorType
 from ptgraph.passes.flow import Context, NodeType, freeze_everything
 from ptgraph.passes.rules import rule
+from ptgraph.passes.rules.elementwise import unify_aligned
 
 
 def _batch_axes(ctx: Context, ta: TensorType, sa: tuple, tb: TensorType, sb: tuple, nd: int) -> TensorType:
     """Broadcast batch axes (all but the last two) like an elementwise op."""
-    out: TensorType = {}
     aligned = [({a + nd - len(s): ids for a, ids in t.items() if a < len(s) - 2}, (1,) * (nd - len(s)) + s)
                for t, s in ((ta, sa), (tb, sb))]
-    for axis in sorted({a for t, _ in aligned for a in t}):
-        typed = [t[axis] for t, s in aligned if axis in t]
-        fixed = any(axis not in t and s[axis] > 1 for t, s in aligned)
-        if fixed:
-            for ids in typed:
-                ctx.freeze(ids, f"operand of fixed size in {ctx.node.name}")
-            continue
-        for ids in typed[1:]:
-            ctx.unify(typed[0], ids)
-        out[axis] = typed[0]
-    return out
+    return unify_aligned(ctx, aligned, ctx.out_shape, frozenset({nd - 2, nd - 1}))
 
 
 def contract(ctx: Context, a: object, b: object, b_axis: int) -> TensorType:

@@ -57,8 +57,19 @@ def elementwise(ctx: Context, operands: list) -> TensorType:
             continue
         off = nd - len(shape)
         aligned.append(({a + off: ids for a, ids in ctx.type_of(op).items()}, (1,) * off + tuple(shape)))
+    return unify_aligned(ctx, aligned, out)
+
+
+def unify_aligned(ctx: Context, aligned: list[tuple[TensorType, tuple]], out: tuple,
+                  skip: frozenset[int] = frozenset()) -> TensorType:
+    """Per output axis (but `skip`): unify the operands' channels. `aligned` holds each operand's type
+    and shape with axes already aligned to the output's.
+
+    A typed operand of size 1 on an axis where the output is larger broadcasts one channel (frozen);
+    an untyped operand of the output's size keeps that axis fixed, so the typed ones are frozen.
+    """
     result: TensorType = {}
-    for axis in sorted({a for t, _ in aligned for a in t}):
+    for axis in sorted({a for t, _ in aligned for a in t} - skip):
         full = [t[axis] for t, s in aligned if axis in t and s[axis] == out[axis]]
         broadcast = [t[axis] for t, s in aligned if axis in t and s[axis] != out[axis]]
         fixed = any(axis not in t and s[axis] == out[axis] and s[axis] > 1 for t, s in aligned)

@@ -14,21 +14,7 @@ import torch.fx as fx
 from ptgraph.channels import TensorType
 from ptgraph.passes.flow import Context, Counter, NodeType, freeze_everything
 from ptgraph.passes.rules import rule
-
-
-def _align_other_axes(ctx: Context, parts: list[TensorType], shapes: list[tuple], skip: int | None) -> TensorType:
-    """Unify the operands' channels on every axis but `skip`; an untracked operand there freezes them."""
-    out: TensorType = {}
-    for axis in sorted({a for t in parts for a in t if a != skip}):
-        typed = [t[axis] for t in parts if axis in t]
-        if len(typed) < len(parts) and shapes[0][axis] > 1:
-            for ids in typed:
-                ctx.freeze(ids, f"operand of fixed size in {ctx.node.name}")
-            continue
-        for ids in typed[1:]:
-            ctx.unify(typed[0], ids)
-        out[axis] = typed[0]
-    return out
+from ptgraph.passes.rules.elementwise import unify_aligned
 
 
 @rule(torch.cat, torch.concat, torch.concatenate)
@@ -40,7 +26,7 @@ def cat(ctx: Context) -> NodeType:
     nd = len(ctx.out_shape)
     d = ctx.arg(1, "dim", 0) % nd
     parts = [ctx.type_of(n) for n in tensors]
-    out = _align_other_axes(ctx, parts, shapes, d)
+    out = unify_aligned(ctx, list(zip(parts, shapes)), ctx.out_shape, frozenset({d}))
     if any(d in t for t in parts):
         pieces = []
         for t, s in zip(parts, shapes):
@@ -62,8 +48,8 @@ def stack(ctx: Context) -> NodeType:
     nd = len(ctx.out_shape)
     d = ctx.arg(1, "dim", 0) % nd
     parts = [{a + (a >= d): ids for a, ids in ctx.type_of(n).items()} for n in tensors]
-    shapes = [ctx.out_shape] * len(tensors)
-    return _align_other_axes(ctx, parts, shapes, d)
+    shapes = [ctx.shape_of(n)[:d] + (1,) + ctx.shape_of(n)[d:] for n in tensors]
+    return unify_aligned(ctx, list(zip(parts, shapes)), ctx.out_shape, frozenset({d}))
 
 
 @rule(torch.split, "split", torch.chunk, "chunk", torch.tensor_split, "tensor_split", torch.unbind, "unbind")
