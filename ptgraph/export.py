@@ -92,8 +92,8 @@ def export(model: nn.Module, example_inputs: Any, path: str | os.PathLike, opset
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"the ONNX exporter failed at opset {opset} ({first}); try another --opset, or --ignore "
                             f"the module that holds this op") from None
-        proto = onnx.load(path)
-        onnx.checker.check_model(proto)
+        onnx.checker.check_model(path)  # by path: models over 2 GB keep their weights in external data
+        proto = onnx.load(path, load_external_data=False)
         batch = (check_batch or 3) if dynamic_batch else None
         check_inputs = tuple(torch.randn((batch, *x.shape[1:]) if batch else x.shape) for x in inputs)
         with torch.no_grad():
@@ -121,14 +121,14 @@ def initializer_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
     """Shapes of the weights (initializers) stored in an ONNX file."""
     import onnx
 
-    return {t.name: tuple(t.dims) for t in onnx.load(str(path)).graph.initializer}
+    return {t.name: tuple(t.dims) for t in onnx.load(str(path), load_external_data=False).graph.initializer}
 
 
 def conv_weight_shapes(path: str | os.PathLike) -> list[tuple[int, ...]]:
     """The weight shape of every Conv and Gemm node, in graph order (for checking pruned shapes)."""
     import onnx
 
-    proto = onnx.load(str(path))
+    proto = onnx.load(str(path), load_external_data=False)
     inits = {t.name: tuple(t.dims) for t in proto.graph.initializer}
     return [inits[n.input[1]] for n in proto.graph.node if n.op_type in ("Conv", "Gemm") and n.input[1] in inits]
 

@@ -95,3 +95,22 @@ def test_export_corrupt_checkpoint(capsys, tmp_path):
 def test_unexportable_op_is_named(tmp_path):
     with pytest.raises(UserError, match="opset 17"):
         export(CustomOp().eval(), (torch.randn(1, 1, 4, 4),), tmp_path / "m.onnx")
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+
+from strategies import architectures  # noqa: E402
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(arch=architectures())
+def test_random_architectures_export_after_shrink(tmp_path, arch):
+    model = arch.build().float()
+    x = arch.inputs().float()
+    graph = ptgraph.trace(model, (x,))
+    analysis = analyze_channels(graph)
+    from ptgraph.passes import keep_every_tensor
+
+    shrink(analysis, keep_every_tensor(analysis, random_plan(analysis.groups, 0.3, 0)))
+    result = export(graph.module.eval(), (x,), tmp_path / "arch.onnx")
+    assert result.ok, (arch, result)
