@@ -198,7 +198,7 @@ def _train_parser(sub) -> None:
                        formatter_class=_Defaults)
     p.add_argument("--model", default=None, help="model spec: torchvision:NAME, ptgraph:resnet32, timm:NAME, module:callable")
     p.add_argument("--data", default="synthetic",
-                   help="synthetic, cifar10:PATH, cifar100:PATH, cifar10-npz:PATH or imagenet:PATH")
+                   help="synthetic[:easy], cifar10:PATH, cifar100:PATH, cifar10-npz:PATH or imagenet:PATH")
     p.add_argument("--download", action="store_true", help="download CIFAR into its PATH if missing")
     p.add_argument("--epochs", type=int, default=None, help="epochs (default: 182 CIFAR, 90 ImageNet, 8 synthetic)")
     p.add_argument("--batch-size", type=int, default=None, help="mini-batch (default: 128 CIFAR, 256 ImageNet, 64 synthetic)")

@@ -103,7 +103,7 @@ def test_reconfigure_keeps_optimizer_state_aligned():
 
 
 def _cfg(tmp_path, **kw):
-    base = dict(model="toy_models:small_resnet", data="synthetic", epochs=4, batch_size=32, steps_per_epoch=8,
+    base = dict(model="toy_models:small_resnet", data="synthetic:easy", epochs=4, batch_size=32, steps_per_epoch=8,
                 reconfig_steps=8, penalty_ratio=0.5, threshold=2.1, lr=0.1, run_dir=str(tmp_path / "run"),
                 tensorboard=False)
     return TrainConfig(**{**base, **kw})

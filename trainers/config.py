@@ -40,8 +40,8 @@ class TrainConfig:
     def resolved(self, family: str) -> "TrainConfig":
         """Fill the defaults that depend on the data family, and check the values."""
         imagenet = family == "imagenet"
-        epochs = self.epochs or (90 if imagenet else 182 if self.data != "synthetic" else 8)
-        batch = self.batch_size or (256 if imagenet else 128 if self.data != "synthetic" else 64)
+        epochs = self.epochs or (90 if imagenet else 182 if not self.data.startswith("synthetic") else 8)
+        batch = self.batch_size or (256 if imagenet else 128 if not self.data.startswith("synthetic") else 64)
         lr = self.lr if self.lr is not None else 0.1 * batch / (256 if imagenet else 128)
         wd = self.weight_decay if self.weight_decay is not None else (1e-4 if imagenet else 5e-4)
         cfg = dataclasses.replace(self, epochs=epochs, batch_size=batch, lr=lr, weight_decay=wd)

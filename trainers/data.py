@@ -43,12 +43,15 @@ def _transforms(family: str, size: int, train: bool):
     return T.Compose([T.ToTensor(), norm])
 
 
-def synthetic(n_train: int = 2560, n_val: int = 512, num_classes: int = 10, size: int = 32, seed: int = 0) -> DataSets:
+def synthetic(n_train: int = 2560, n_val: int = 512, num_classes: int = 10, size: int = 32, seed: int = 0,
+              easy: bool = False) -> DataSets:
     """Learnable images: each class is a fixed smooth pattern (a shared base plus a class-specific part),
     each sample that pattern randomly shifted and scaled, plus noise. Not separable at a glance, so
-    accuracy climbs over the first epochs; a small CNN gets well above chance in a few hundred steps."""
+    accuracy climbs over the first epochs; a small CNN gets well above chance in a few hundred steps.
+    `easy` (more class signal, less noise) is learnt within tens of steps, for quick tests."""
     gen = torch.Generator().manual_seed(seed)
-    coarse = torch.randn(1, 3, 8, 8, generator=gen) + 0.35 * torch.randn(num_classes, 3, 8, 8, generator=gen)
+    signal, noise = (1.0, 0.5) if easy else (0.35, 1.5)
+    coarse = torch.randn(1, 3, 8, 8, generator=gen) + signal * torch.randn(num_classes, 3, 8, 8, generator=gen)
     patterns = torch.nn.functional.interpolate(coarse, size=size + 8, mode="bilinear", align_corners=False)
 
     def make(n: int) -> TensorDataset:
@@ -56,7 +59,7 @@ def synthetic(n_train: int = 2560, n_val: int = 512, num_classes: int = 10, size
         dx, dy = torch.randint(0, 9, (2, n), generator=gen)
         crops = torch.stack([patterns[c, :, y:y + size, x:x + size] for c, x, y in zip(labels.tolist(), dx.tolist(), dy.tolist())])
         scale = 0.5 + torch.rand(n, 1, 1, 1, generator=gen)
-        images = crops * scale + 1.5 * torch.randn(n, 3, size, size, generator=gen)
+        images = crops * scale + noise * torch.randn(n, 3, size, size, generator=gen)
         return TensorDataset(images, labels)
 
     return DataSets(make(n_train), make(n_val), num_classes, size, "cifar")
@@ -96,7 +99,9 @@ def load_data(spec: str, download: bool = False, image_size: int | None = None) 
     """Parse `--data` and build the data sets."""
     kind, _, path = spec.partition(":")
     if kind == "synthetic":
-        return synthetic(size=image_size or 32)
+        if path not in ("", "easy"):
+            raise UserError(f"unknown --data '{spec}'; use synthetic or synthetic:easy")
+        return synthetic(size=image_size or 32, easy=path == "easy")
     if kind in ("cifar10", "cifar100"):
         from torchvision import datasets
 
@@ -128,4 +133,4 @@ def load_data(spec: str, download: bool = False, image_size: int | None = None) 
         if len(train.classes) != len(val.classes):
             raise UserError(f"{path}/train has {len(train.classes)} classes but val/ has {len(val.classes)}; use matching folders")
         return DataSets(train, val, len(train.classes), size, "imagenet")
-    raise UserError(f"unknown --data '{spec}'; use synthetic, cifar10:PATH, cifar100:PATH, cifar10-npz:PATH or imagenet:PATH")
+    raise UserError(f"unknown --data '{spec}'; use synthetic[:easy], cifar10:PATH, cifar100:PATH, cifar10-npz:PATH or imagenet:PATH")
