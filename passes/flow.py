@@ -141,6 +141,14 @@ class Context:
         self.flow.graph_rewrites.append(fn)
 
 
+def set_arg(node: fx.Node, index: int, name: str, value: Any) -> None:
+    """Set a call's argument, wherever it was given: positionally at `index`, or as keyword `name`."""
+    if len(node.args) > index:
+        node.update_arg(index, value)
+    else:
+        node.update_kwarg(name, value)
+
+
 def describe(node: fx.Node) -> str:
     if node.op == "call_module":
         return f"{type(node.graph.owning_module.get_submodule(node.target)).__name__} ('{node.target}')"

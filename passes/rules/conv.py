@@ -11,7 +11,7 @@ import numpy as np
 import torch.nn.functional as F
 from torch import nn
 
-from ptgraph.passes.flow import Context, Counter, NodeType, freeze_everything
+from ptgraph.passes.flow import Context, Counter, NodeType, freeze_everything, set_arg
 from ptgraph.passes.rules import rule
 
 
@@ -83,11 +83,7 @@ def _functional(transposed: bool):
             node, out0 = ctx.node, len(out)
 
             def fix(count: Counter) -> None:
-                new = groups * count(out) // out0
-                if len(node.args) > 6:
-                    node.update_arg(6, new)
-                else:
-                    node.update_kwarg("groups", new)
+                set_arg(node, 6, "groups", groups * count(out) // out0)
 
             ctx.rewrite(fix)
         return out_type

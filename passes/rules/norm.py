@@ -11,7 +11,7 @@ import numpy as np
 import torch.nn.functional as F
 from torch import nn
 
-from ptgraph.passes.flow import Context, Counter, NodeType, freeze_everything
+from ptgraph.passes.flow import Context, Counter, NodeType, freeze_everything, set_arg
 from ptgraph.passes.rules import rule
 
 _PER_CHANNEL = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
@@ -94,11 +94,7 @@ def layer_norm_function(ctx: Context) -> NodeType:
     node = ctx.node
 
     def fix(count: Counter) -> None:
-        new = type(shape_arg)(_normalized_shape(shape0, covered, count))
-        if len(node.args) > 1:
-            node.update_arg(1, new)
-        else:
-            node.update_kwarg("normalized_shape", new)
+        set_arg(node, 1, "normalized_shape", type(shape_arg)(_normalized_shape(shape0, covered, count)))
 
     if covered:
         ctx.rewrite(fix)
@@ -145,11 +141,7 @@ def group_norm_function(ctx: Context) -> NodeType:
         node, n0 = ctx.node, len(ids)
 
         def fix(count: Counter) -> None:
-            new = groups0 * count(ids) // n0
-            if len(node.args) > 1:
-                node.update_arg(1, new)
-            else:
-                node.update_kwarg("num_groups", new)
+            set_arg(node, 1, "num_groups", groups0 * count(ids) // n0)
 
         ctx.rewrite(fix)
     return t
