@@ -66,7 +66,7 @@ def _largest_frozen(groups: list[dict[str, Any]]) -> str | None:
 def run_model(name: str, ratio: float, timeout: float, threads: int | None) -> dict[str, Any]:
     """Run the CLI on one model in a subprocess and condense its JSON into one record."""
     cmd = [sys.executable, "-m", "ptgraph", "analyze", "--model", f"torchvision:{name}", "--verify",
-           "--ratio", str(ratio), "--json"]
+           "--onnx", "--ratio", str(ratio), "--json"]
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -99,6 +99,8 @@ def run_model(name: str, ratio: float, timeout: float, threads: int | None) -> d
         rel_err=v.get("rel_err"),
         max_abs_err=v.get("max_abs_err"),
         verify_ok=bool(v.get("ok")),
+        onnx_ok=bool(info.get("onnx", {}).get("ok")),
+        onnx_rel_err=info.get("onnx", {}).get("rel_err"),
         groups_pruned=v.get("groups_pruned"),
         trace_s=info["seconds"]["trace"],
         analyze_s=info["seconds"]["analyze"],
@@ -106,13 +108,16 @@ def run_model(name: str, ratio: float, timeout: float, threads: int | None) -> d
         leaves=info.get("leaves") or {},
         largest_frozen=_largest_frozen(groups),
     )
-    if not rec["verify_ok"]:
+    if not rec["verify_ok"] or not rec["onnx_ok"]:
         rec["status"] = "mismatch"
         parts = []
         if rec["rel_err"] is not None and rec["rel_err"] > REL_TOLERANCE:
             parts.append(f"rel err {rec['rel_err']:.1e} > {REL_TOLERANCE:.0e}")
         if rec["params_after"] != rec["params_predicted"]:
             parts.append(f"params {rec['params_after']} != predicted {rec['params_predicted']}")
+        if rec["verify_ok"]:
+            parts = [f"onnxruntime differs (rel err {rec['onnx_rel_err']})" if rec["onnx_rel_err"] is not None
+                     else "ONNX export failed"]
         rec["why"] = "verify failed: " + ("; ".join(parts) or _last_line(proc.stderr) or "output shape changed")
     else:
         rec["status"] = "ok"
@@ -233,6 +238,8 @@ def render(results: list[dict[str, Any]], timing: dict[str, Any] | None, runs: l
         "group is removed by `shrink`, and the shrunk model's output (eval mode, one random input of 1x3x224x224,",
         "1x3x299x299 for inception_v3) is compared with the masked original. *verify* is ok when the relative",
         f"error is at most {REL_TOLERANCE:.0e} and the parameter count equals the one the groups predict.",
+        "The shrunk model is then exported to ONNX (`--onnx`: TorchScript exporter, opset 17) and run in",
+        "onnxruntime on another random input; *ONNX* is ok when it matches PyTorch to 1e-04 relative.",
         "",
         *(f"- command: `{r['command']}` ({r['models']} models), started {r['started']}, {r['wall_s'] / 60:.1f} min, "
           f"load average at the start {r['load']}" for r in runs),
@@ -246,6 +253,8 @@ def render(results: list[dict[str, Any]], timing: dict[str, Any] | None, runs: l
         f"(worst relative error {worst:.1e})",
         f"- CNNs (all but {', '.join(p.rstrip('_') + '*' for p in TRANSFORMER_PREFIXES)}): {len(cnns)}; "
         f"conv-channel prunable share over {CONV_TARGET:.0%}: **{len(cnn_hit)} / {len(cnns)}**",
+        f"- shrunk models that export to ONNX and match in onnxruntime: "
+        f"**{sum(bool(r.get('onnx_ok')) for r in results)} / {len(results)}**",
     ]
     if bad:
         lines.append("- not verified: " + "; ".join(f"{r['model']} ({r.get('why', r['status'])})" for r in bad))
@@ -262,20 +271,23 @@ def render(results: list[dict[str, Any]], timing: dict[str, Any] | None, runs: l
         "(cold: the first trace in a fresh process); *note / refused*: why a model failed, untraceable",
         "submodules kept as leaves, or (CNN at or under the conv target) the largest frozen group's reason.",
         "",
-        "| model | groups | prunable | channels | conv ch | verify | rel err | params before | params after "
-        "| t trace+an. (s) | note / refused |",
-        "| --- | ---: | ---: | ---: | ---: | :---: | ---: | ---: | ---: | ---: | --- |",
+        "| model | groups | prunable | channels | conv ch | verify | rel err | ONNX (ort rel err) | params before "
+        "| params after | t trace+an. (s) | note / refused |",
+        "| --- | ---: | ---: | ---: | ---: | :---: | ---: | :---: | ---: | ---: | ---: | --- |",
     ]
     for r in sorted(results, key=lambda r: r["model"]):
         if "groups" not in r:
-            lines.append(f"| {r['model']} | - | - | - | - | {r['status']} | - | - | - | - | {_cell(r.get('why', ''))} |")
+            lines.append(f"| {r['model']} | - | - | - | - | {r['status']} | - | - | - | - | - | {_cell(r.get('why', ''))} |")
             continue
         verdict = "ok" if r["verify_ok"] else "**FAIL**"
         rel = "-" if r["rel_err"] is None else f"{r['rel_err']:.1e}"
         t = r["trace_s"] + r["analyze_s"]
+        onnx = "-" if r.get("onnx_rel_err") is None else \
+            f"{'ok' if r.get('onnx_ok') else '**FAIL**'} ({r['onnx_rel_err']:.1e})"
         lines.append(
             f"| {r['model']} | {r['groups']} | {r['prunable_groups']} | {_pct(r['channel_share'])} | "
-            f"{_pct(r['conv_share'])} | {verdict} | {rel} | {_int(r['params_before'])} | {_int(r['params_after'])} | "
+            f"{_pct(r['conv_share'])} | {verdict} | {rel} | {onnx} | {_int(r['params_before'])} | "
+            f"{_int(r['params_after'])} | "
             f"{t:.2f} | {_cell(r.get('why', ''))} |"
         )
     lines += ["", "## Timing", ""]
