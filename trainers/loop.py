@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ptgraph.cost import TRAIN_STEP_FACTOR, activation_elements, forward_flops
+from ptgraph.cost import TRAIN_STEP_FACTOR, activation_elements
 from ptgraph.errors import UserError
 from ptgraph.graph import trace
 from ptgraph.passes import PrunePlan, count_params

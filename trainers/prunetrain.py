@@ -60,7 +60,7 @@ class PruneTrain:
         self,
         model: nn.Module | Graph,
         example_inputs: Any,
-        optimizer: torch.optim.Optimizer,
+        optimizer: torch.optim.Optimizer | None,
         *,
         penalty_ratio: float = 0.2,
         threshold: float = 1e-4,
