@@ -93,7 +93,9 @@ def _print_report(info: dict[str, Any], model: str) -> None:
     if not info["original_module_runs_pruned"]:
         console.print("note: a shrink rewrites graph constants (reshape sizes, split sections); "
                       "run and export the traced graph module, not the original object")
-    if "onnx" in info:
+    if "onnx" in info and "error" in info["onnx"]:
+        console.print(f"onnx [red]FAILED[/red]: {info['onnx']['error']}")
+    elif "onnx" in info:
         o = info["onnx"]
         console.print(f"onnx {'[green]OK[/green]' if o['ok'] else '[red]MISMATCH[/red]'}: {o['exporter']} exporter, "
                       f"opset {o['opset']}, relative error {o['rel_err']:.2e}, {o['file_bytes'] / 1e6:.2f} MB")
@@ -124,10 +126,13 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
             from ptgraph.export import export
 
-            with tempfile.TemporaryDirectory() as tmp:
-                onnx_result = export(analysis.graph.module, inputs, f"{tmp}/model.onnx")
-            info["onnx"] = {k: v for k, v in onnx_result.as_dict().items() if k != "path"}
-            ok = ok and onnx_result.ok
+            try:
+                with tempfile.TemporaryDirectory() as tmp:
+                    onnx_result = export(analysis.graph.module, inputs, f"{tmp}/model.onnx")
+                info["onnx"] = {k: v for k, v in onnx_result.as_dict().items() if k != "path"}
+            except UserError as e:  # keep the verify figures; say why the export failed
+                info["onnx"] = {"ok": False, "error": str(e), "rel_err": None}
+            ok = ok and info["onnx"]["ok"]
     if args.json:
         print(json.dumps(info, indent=1, default=str))
     else:

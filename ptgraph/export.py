@@ -7,8 +7,10 @@ onnxscript).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import sys
 import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -51,6 +53,20 @@ def _flat(out: Any) -> list[np.ndarray]:
     return []
 
 
+@contextlib.contextmanager
+def _quiet_stdout():
+    sys.stdout.flush()
+    saved, devnull = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
+
+
 def _export(model: nn.Module, inputs: tuple, path: str, opset: int, dynamic_batch: bool) -> str:
     names = [f"input{i}" for i in range(len(inputs))]
     with torch.no_grad():
@@ -87,7 +103,8 @@ def export(model: nn.Module, example_inputs: Any, path: str | os.PathLike, opset
     model.eval()
     try:
         try:
-            exporter = _export(model, inputs, path, opset, dynamic_batch)
+            with _quiet_stdout():  # the exporter prints its IR to the C-level stdout on failure
+                exporter = _export(model, inputs, path, opset, dynamic_batch)
         except Exception as e:  # noqa: BLE001 - name the failing op and the opset
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"the ONNX exporter failed at opset {opset} ({first}); try another --opset, or --ignore "
