@@ -36,11 +36,6 @@ class ChannelGroup:
     exact: bool  # removing zeroed channels provably leaves every output unchanged
     reason: str | None  # why frozen, or why inexact
 
-    @property
-    def params(self) -> int:
-        """Parameters that one channel of this group holds, summed over channels."""
-        return sum(len(m.positions) for m in self.members)
-
 
 class ChannelAnalysis:
     """The analysis of one traced model: its groups, kept current across shrinks without re-tracing."""

@@ -297,7 +297,7 @@ def train(cfg: TrainConfig, resume_dir: str | None = None, console=None) -> dict
             "batch": run.batch, "seconds": time.perf_counter() - epoch_start,
         }
         run.records.append(record)
-        for r in run.records[-2:]:
+        for r in run.records:  # every reconfiguration of this epoch, then the epoch line
             if r["epoch"] == run.epoch:
                 log.write(r)
         console.print(
