@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ptgraph.aux_outputs import without_aux_heads
 from ptgraph.errors import UserError
 
 TOLERANCE = 1e-4  # relative, float32
@@ -89,12 +90,13 @@ def _export(model: nn.Module, inputs: tuple, path: str, opset: int, dynamic_batc
 
 def export(model: nn.Module, example_inputs: Any, path: str | os.PathLike, opset: int = DEFAULT_OPSET,
            dynamic_batch: bool = False, check_batch: int | None = None) -> ExportResult:
-    """Export `model` (in eval mode) to ONNX, check it, run the same random batch through onnxruntime and
+    """Export `model` as it runs in eval mode (auxiliary heads dropped) to ONNX, check it, run the same random batch through onnxruntime and
     PyTorch, and return the figures. With `dynamic_batch`, the check uses a batch of `check_batch` (default 3)."""
     import onnx
     import onnxruntime as ort
 
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    model = without_aux_heads(model)
     path = str(path)
     parent = Path(path).resolve().parent
     if not parent.is_dir() or not os.access(parent, os.W_OK):

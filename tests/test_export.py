@@ -49,6 +49,19 @@ def test_torchvision_subset_exports_pruned(tmp_path, name):
         assert result.op_counts.get(op, 0) == plain.op_counts.get(op, 0), op
 
 
+def test_aux_heads_dropped_for_export_as_in_eval_mode(tmp_path):
+    """GoogLeNet is traced in training mode, aux heads and all; the export is the eval-mode model."""
+    torch.manual_seed(0)
+    model = torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=False, num_classes=10)
+    x = torch.randn(1, 3, 96, 96)
+    gm = _pruned(model.train(), x).train()
+    assert type(gm(x)).__name__ == "GoogLeNetOutputs"  # the training graph still returns the aux logits
+    result = export(gm, (x,), tmp_path / "g.onnx")
+    assert result.ok, result
+    assert result.params < sum(p.numel() for p in gm.parameters())  # the aux heads' weights are not in the file
+    assert gm.training and type(gm(x)).__name__ == "GoogLeNetOutputs"  # the trained module is left as it was
+
+
 def test_dynamic_batch_export(tmp_path):
     gm = _pruned(torchvision.models.resnet18(num_classes=10), torch.randn(1, 3, 32, 32))
     result = export(gm, (torch.randn(1, 3, 32, 32),), tmp_path / "m.onnx", dynamic_batch=True, check_batch=5)

@@ -316,32 +316,32 @@ def render(results: list[dict[str, Any]], timing: dict[str, Any] | None, runs: l
                          f"{t['shrink']:.3f} | {t['total']:.3f} |")
         lines += [
             "",
-            "For reference, as **reported in the issue** (not measured here; Torch-Pruning is not installed):",
-            "Torch-Pruning builds resnet50's dependency graph in 0.08 s and builds + prunes it in 0.24 s",
-            "(median of 3, on this machine). The comparable ptgraph numbers are resnet50's *trace + analysis*",
-            "and *total* above.",
+            "Torch-Pruning's build + prune of the same models, timed in one run beside ptgraph's, is in",
+            "[BENCHMARKS.md](BENCHMARKS.md) (`tools/bench_vs_torch_pruning.py`).",
         ]
     return "\n".join(lines) + "\n"
 
 
 # -- main -------------------------------------------------------------------------------------
-def _load_raw(path: Path) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
-    """The records of a --raw file, and the sweeps that wrote them (its first line)."""
-    out, runs = {}, []
+def _load_raw(path: Path) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]], dict[str, Any] | None]:
+    """The records of a --raw file, the sweeps that wrote them and the last timing (its first line)."""
+    out, runs, timing = {}, [], None
     if path.exists():
         for line in path.read_text().splitlines():
             if line.strip():
                 rec = json.loads(line)
                 if "_runs" in rec:
-                    runs = rec["_runs"]
+                    runs, timing = rec["_runs"], rec.get("_timing")
                 else:
                     out[rec["model"]] = rec
-    return out, runs
+    return out, runs, timing
 
 
-def _write_raw(path: Path, results: dict[str, dict[str, Any]], runs: list[dict[str, Any]]) -> None:
+def _write_raw(path: Path, results: dict[str, dict[str, Any]], runs: list[dict[str, Any]],
+               timing: dict[str, Any] | None) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps({"_runs": runs}) + "\n" + "".join(json.dumps(r) + "\n" for r in results.values()))
+    head = json.dumps({"_runs": runs, "_timing": timing}) + "\n"
+    tmp.write_text(head + "".join(json.dumps(r) + "\n" for r in results.values()))
     tmp.replace(path)
 
 
@@ -355,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--raw", default=None, help="also keep one JSON record per model in this jsonl file")
     p.add_argument("--reuse", action="store_true", help="with --raw: keep its records and run only the models it "
                    "lacks, or those --models names; the report shows every record and every sweep that made them")
-    p.add_argument("--no-timing", action="store_true", help="skip the timing section")
+    p.add_argument("--no-timing", action="store_true", help="skip the timing runs (with --reuse: show the --raw file's last)")
     p.add_argument("--timing-runs", type=int, default=3, help="timed runs per model after a warm-up (default: 3)")
     p.add_argument("--timing-worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -374,9 +374,10 @@ def main(argv: list[str] | None = None) -> int:
     raw = Path(args.raw) if args.raw else None
     results: dict[str, dict[str, Any]] = {}
     runs: list[dict[str, Any]] = []
+    timing = None
     todo = chosen
     if raw is not None and args.reuse:
-        results, runs = _load_raw(raw)
+        results, runs, timing = _load_raw(raw)
         todo = chosen if args.models else [m for m in everything if m not in results]
     command = "python tools/zoo.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     mach = machine()
@@ -398,11 +399,12 @@ def main(argv: list[str] | None = None) -> int:
             results[rec["model"]] = rec
             run["wall_s"] = time.perf_counter() - t0
             if raw is not None:
-                _write_raw(raw, results, runs)
-    timing = None
-    if not args.no_timing:
+                _write_raw(raw, results, runs, timing)
+    if not args.no_timing:  # else the last timing the --raw file holds, if any
         print("timing ...", file=sys.stderr, flush=True)
         timing = run_timing(list(TIMING_MODELS), args.timing_runs, args.ratio, args.timeout * 2)
+        if raw is not None:
+            _write_raw(raw, results, runs, timing)
     shown = [results[m] for m in (everything if raw is not None and args.reuse else chosen) if m in results]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
