@@ -89,5 +89,17 @@ def resnet50(num_classes: int = 10) -> CifarResNet:
     return CifarResNet(Bottleneck, [3, 4, 6, 3], [64, 128, 256, 512], num_classes)
 
 
+def mobilenet_v2(num_classes: int = 10) -> nn.Module:
+    """torchvision's MobileNetV2 for 32x32 inputs: the stem and the first stride-2 block run at stride 1
+    (the usual CIFAR adaptation), so the last feature map is 4x4 rather than 1x1. An architecture the
+    original PruneTrain code could not prune: depthwise convs, inverted residuals, no ReLU after the adds."""
+    from torchvision.models import mobilenet_v2 as tv_mobilenet_v2
+
+    model = tv_mobilenet_v2(num_classes=num_classes)
+    model.features[0][0].stride = (1, 1)
+    model.features[2].conv[1][0].stride = (1, 1)
+    return model
+
+
 MODELS = {"resnet20": resnet20, "resnet32": resnet32, "resnet56": resnet56, "resnet110": resnet110,
-          "resnet50": resnet50}
+          "resnet50": resnet50, "mobilenet_v2": mobilenet_v2}

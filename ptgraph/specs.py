@@ -1,7 +1,7 @@
 """Model specs: one string names a model everywhere (CLI, checkpoints, tools).
 
     torchvision:NAME[?key=value&...]   any name of torchvision.models.list_models()
-    ptgraph:NAME[?num_classes=10]      the paper's CIFAR ResNets: resnet20/32/56/110, resnet50
+    ptgraph:NAME[?num_classes=10]      CIFAR models: the paper's resnet20/32/56/110, resnet50; mobilenet_v2
     timm:NAME[?key=value&...]          when timm is installed
     some.module:callable[?key=value]   the user's own code (callable returns an nn.Module)
 
