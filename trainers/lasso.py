@@ -18,19 +18,20 @@ from ptgraph.passes import ChannelGroup
 
 @dataclass(frozen=True, eq=False)
 class ChannelIndex:
-    """Where each member position's squared sum goes in the flat channel vector."""
+    """For every penalised parameter axis, the channel slot of each position along it. Positions that
+    belong to no prunable group point at the spare slot `n_slots`: not counted in any norm, scaled by 1."""
 
-    params: tuple[str, ...]  # parameter names, in the order their reductions are concatenated
+    params: tuple[str, ...]  # parameter names, in the order their slot maps are concatenated
     axes: tuple[tuple[int, ...], ...]  # per parameter: the axes that are reduced separately
-    positions: tuple[tuple[torch.Tensor, ...], ...]  # per parameter, per axis: positions that are channels
-    slots: torch.Tensor  # channel slot of each concatenated position
+    slots: torch.Tensor  # the slot maps of every (parameter, axis), concatenated
+    lengths: tuple[int, ...]  # the length of each of those maps
     group_slices: dict[int, slice]  # group id -> its slots
     n_slots: int
 
 
 def build_index(groups: tuple[ChannelGroup, ...], module: nn.Module, device: torch.device) -> ChannelIndex:
     params = dict(module.named_parameters())
-    per_param: dict[str, dict[int, list[tuple[np.ndarray, np.ndarray]]]] = {}
+    maps: dict[str, dict[int, np.ndarray]] = {}
     group_slices, offset = {}, 0
     for g in groups:
         if not g.prunable:
@@ -38,36 +39,34 @@ def build_index(groups: tuple[ChannelGroup, ...], module: nn.Module, device: tor
         group_slices[g.id] = slice(offset, offset + g.size)
         for m in g.members:
             if m.name in params:  # buffers (running stats) carry no weight to penalise
-                per_param.setdefault(m.name, {}).setdefault(m.axis, []).append((m.positions, m.channels + offset))
+                full = maps.setdefault(m.name, {}).setdefault(m.axis, np.full(params[m.name].shape[m.axis], -1))
+                fresh = full[m.positions] < 0  # a position shared by two members counts once
+                full[m.positions[fresh]] = m.channels[fresh] + offset
         offset += g.size
-    names, axes, positions, slots = [], [], [], []
-    for name, by_axis in per_param.items():
+    names, axes, slot_maps = [], [], []
+    for name, by_axis in maps.items():
         names.append(name)
         axes.append(tuple(by_axis))
-        pos_list = []
-        for axis, parts in by_axis.items():
-            pos = np.concatenate([p for p, _ in parts])
-            pos_list.append(torch.as_tensor(pos, device=device))
-            slots.append(np.concatenate([s for _, s in parts]))
-        positions.append(tuple(pos_list))
-    slot_tensor = torch.as_tensor(np.concatenate(slots) if slots else np.zeros(0, dtype=np.int64), device=device)
-    return ChannelIndex(tuple(names), tuple(axes), tuple(positions), slot_tensor, group_slices, offset)
+        slot_maps += [np.where(full < 0, offset, full) for full in by_axis.values()]
+    flat = np.concatenate(slot_maps) if slot_maps else np.zeros(0, dtype=np.int64)
+    return ChannelIndex(tuple(names), tuple(axes), torch.as_tensor(flat, device=device),
+                        tuple(len(s) for s in slot_maps), group_slices, offset)
 
 
 def channel_sq_norms(index: ChannelIndex, module: nn.Module) -> torch.Tensor:
     """Squared L2 norm of every prunable channel over all its member slices (differentiable)."""
     params = dict(module.named_parameters())
     pieces = []
-    for name, axes, positions in zip(index.params, index.axes, index.positions):
+    for name, axes in zip(index.params, index.axes):
         sq = params[name].float().square()
-        for axis, pos in zip(axes, positions):
+        for axis in axes:
             other = [d for d in range(sq.dim()) if d != axis]
-            per_pos = sq.sum(dim=other) if other else sq
-            pieces.append(per_pos.index_select(0, pos))
+            pieces.append(sq.sum(dim=other) if other else sq)
     if not pieces:
         return torch.zeros(0)
     flat = torch.cat(pieces)
-    return torch.zeros(index.n_slots, device=flat.device, dtype=flat.dtype).index_add(0, index.slots, flat)
+    sums = torch.zeros(index.n_slots + 1, device=flat.device, dtype=flat.dtype).index_add(0, index.slots, flat)
+    return sums[:index.n_slots]
 
 
 def group_lasso(index: ChannelIndex, module: nn.Module) -> torch.Tensor:
@@ -80,19 +79,19 @@ def proximal_step(index: ChannelIndex, module: nn.Module, strength: float) -> No
     """Group soft-thresholding: scale each channel by max(0, 1 - strength / norm), giving exact zeros.
 
     `strength` is lr * lambda. A weight shared by two groups (a conv's in and out channels) is
-    scaled by both factors, the usual approximation for overlapping groups.
+    scaled by both factors, the usual approximation for overlapping groups. One gather makes every
+    factor; each parameter then takes one multiply (a few kernels per layer: this runs every step).
     """
     norms = channel_sq_norms(index, module).sqrt()
-    scale = (1 - strength / norms.clamp_min(1e-30)).clamp_min(0)
+    scale = torch.cat([(1 - strength / norms.clamp_min(1e-30)).clamp_min(0), norms.new_ones(1)])
+    factors = iter(scale[index.slots].split(index.lengths))
     params = dict(module.named_parameters())
-    slot_iter = 0
-    for name, axes, positions in zip(index.params, index.axes, index.positions):
+    for name, axes in zip(index.params, index.axes):
         p = params[name]
-        for axis, pos in zip(axes, positions):
-            slots = index.slots[slot_iter:slot_iter + len(pos)]
-            slot_iter += len(pos)
-            factor = torch.ones(p.shape[axis], device=p.device, dtype=scale.dtype)
-            factor[pos] = scale[slots]
+        total = None
+        for axis in axes:
             shape = [1] * p.dim()
             shape[axis] = -1
-            p.mul_(factor.view(shape).to(p.dtype))
+            f = next(factors).view(shape)
+            total = f if total is None else total * f
+        p.mul_(total.to(p.dtype))
