@@ -50,7 +50,7 @@ def schedule_text(cfg: TrainConfig, args: argparse.Namespace) -> str:
     lr = "cosine" if cfg.schedule == "cosine" else "x0.1 at 50%/75%"
     return (f"{cfg.epochs} epochs, batch {cfg.batch_size or 128}, lr {cfg.lr if cfg.lr is not None else 0.1:g} ({lr}), "
             f"reconfigure every {cfg.reconfig_every} epochs, penalty ratio {cfg.penalty_ratio:g}, "
-            f"threshold {cfg.threshold:g}, round-to {cfg.round_to}")
+            f"threshold {cfg.threshold:g}, round-to {cfg.round_to or 'auto (8 on CUDA, 1 on CPU)'}, proximal step every {cfg.prox_every} steps")
 
 
 def row(name: str, dense: dict, pruned: dict) -> dict:
@@ -100,14 +100,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reconfig-every", type=int, default=2)
     p.add_argument("--penalty-ratio", type=float, default=0.8)
     p.add_argument("--threshold", type=float, default=1e-4)
-    p.add_argument("--round-to", type=int, default=1)
+    p.add_argument("--round-to", type=int, default=None, help="default: 8 on CUDA, 1 on the CPU")
+    p.add_argument("--prox-every", type=int, default=1)
     p.add_argument("--steps-per-epoch", type=int, default=None, help="cap, for smoke runs")
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--modes", default="dense,prunetrain", help="which runs to make (one alone: for running them in parallel)")
     p.add_argument("--out", default="runs/cifar_table")
     args = p.parse_args(argv)
+    if not set(args.modes.split(",")) <= {"dense", "prunetrain"}:
+        print(f"error: --modes takes dense and/or prunetrain, not {args.modes}")
+        return 2
     data_path = args.data.partition(":")[2]
     if args.data.startswith("cifar10-npz:") and not Path(data_path).exists():
         print(f"error: {data_path} is not there; this benchmark needs the CIFAR-10 npz (see ../shared/data/README.md)")
@@ -120,19 +125,22 @@ def main(argv: list[str] | None = None) -> int:
     for spec in args.models.split(","):
         cfg = TrainConfig(model=spec, data=args.data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                           schedule=args.schedule, reconfig_every=args.reconfig_every, penalty_ratio=args.penalty_ratio,
-                          threshold=args.threshold, round_to=args.round_to, steps_per_epoch=args.steps_per_epoch,
+                          threshold=args.threshold, round_to=args.round_to, prox_every=args.prox_every, steps_per_epoch=args.steps_per_epoch,
                           device=args.device, workers=args.workers,
                           seed=args.seed, tensorboard=False)
         name = parse_spec(spec).name
         results = {}
-        for mode in ("dense", "prunetrain"):
+        for mode in args.modes.split(","):
             run_cfg = TrainConfig(**{**cfg.__dict__, "dense": mode == "dense", "run_dir": str(out / f"{name}-{mode}")})
             results[mode] = run_one(run_cfg, out / f"{name}-{mode}")
+        if len(results) < 2:
+            continue
         rows.append(row(spec, results["dense"], results["prunetrain"]))
         table = markdown(rows, schedule_text(cfg, args), machine_line(args.device))
         (out / "table.md").write_text(table)
         (out / "table.json").write_text(json.dumps({"schedule": schedule_text(cfg, args), "rows": rows}, indent=1))
-    print(table)
+    if rows:
+        print(table)
     return 0
 
 
