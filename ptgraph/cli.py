@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import warnings
@@ -10,7 +11,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ptgraph.errors import UserError
+from ptgraph.errors import RankFailure, UserError
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -184,6 +185,19 @@ def cmd_prune_train(args: argparse.Namespace) -> int:
     fields = {f: getattr(args, f) for f in TrainConfig.__dataclass_fields__ if hasattr(args, f)}
     cfg = TrainConfig(**{**fields, "model": args.model or ""})
     cfg.check()
+    if args.nproc_per_node is not None and "WORLD_SIZE" not in os.environ:  # the launcher; under torchrun: a rank
+        from pathlib import Path
+
+        from ptgraph.trainers.distributed import launch
+        from ptgraph.trainers.report import default_run_dir
+
+        argv = list(args.argv)
+        if args.resume:
+            run_dir = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
+        else:  # named here, so that every rank and the failure message agree on it
+            run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.model)
+            argv += [] if args.run_dir else ["--run-dir", str(run_dir)]
+        return launch(args.nproc_per_node, argv, run_dir)
     train(cfg, resume_dir=args.resume)
     return 0
 
@@ -215,10 +229,13 @@ def _train_parser(sub) -> None:
     p.add_argument("--threshold", type=float, default=1e-4, help="channels with a group norm under this are removed")
     p.add_argument("--lasso", choices=("proximal", "subgradient"), default="proximal",
                    help="proximal: group soft-thresholding after each step (exact zeros); subgradient: penalty in the loss")
+    p.add_argument("--prox-every", type=int, default=1,
+                   help="proximal thresholding every N steps, with N steps' strength (fewer kernels on GPUs)")
     p.add_argument("--reconfig-every", type=int, default=10, help="epochs between reconfigurations")
     p.add_argument("--reconfig-steps", type=int, default=None, help="steps between reconfigurations, overriding --reconfig-every (default: off)")
     p.add_argument("--steps-per-epoch", type=int, default=None, help="cap on steps per epoch, for short runs (default: no cap)")
-    p.add_argument("--round-to", type=int, default=1, help="keep a multiple of this many channels per group (8 for tensor cores)")
+    p.add_argument("--round-to", type=int, default=None,
+                   help="keep a multiple of this many channels per group (default: 8 on CUDA, for tensor cores; 1 on the CPU)")
     p.add_argument("--exact-only", action="store_true", help="prune only groups whose removal is exact (not LayerNorm'd streams)")
     p.add_argument("--dynamic-batch", action="store_true", help="grow the batch as shrinking frees memory, LR scaled")
     p.add_argument("--max-batch", type=int, default=None, help="cap for --dynamic-batch (default: 4x --batch-size)")
@@ -228,10 +245,20 @@ def _train_parser(sub) -> None:
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
                    help="mixed precision on CUDA: auto picks bf16 where supported, else fp16")
     p.add_argument("--workers", type=int, default=None, help="data loader workers (default: 4 on CUDA, 0 on CPU)")
+    p.add_argument("--data-on-device", choices=("auto", "on", "off"), default="auto",
+                   help="decode the data set once and keep it on the device, augmenting there (auto: on CUDA, for "
+                        "CIFAR and synthetic data)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--run-dir", default=None, help="where metrics, report and checkpoint go (default: runs/MODEL-DATE)")
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR exactly where it stopped")
     p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", help="do not write TensorBoard events")
+    p.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
+                   help="train with N processes on this machine (one per GPU): relaunches this command under torchrun")
+    p.add_argument("--no-scale-lr", dest="scale_lr", action="store_false",
+                   help="with several processes, keep --lr as given instead of multiplying it by their number")
+    p.add_argument("--sync-bn", action="store_true", help="with several GPUs, BatchNorm statistics over the global batch")
+    p.add_argument("--dist-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="how long a process waits for a stalled or dead peer before the run stops")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
     p.set_defaults(run=cmd_prune_train)
 
@@ -279,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the --nproc-per-node launcher passes them on
     run: Callable[[argparse.Namespace], int] = args.run
     try:
         return run(args)
@@ -287,6 +315,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RankFailure as e:  # a peer died or stalled; under the launcher, the launcher says which
+        if args.debug:
+            raise
+        if not os.environ.get("PTGRAPH_LAUNCHED"):
+            print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

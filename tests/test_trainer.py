@@ -11,6 +11,7 @@ from ptgraph.trainers import PruneTrain
 from ptgraph.trainers import loop as loop_module
 from ptgraph.trainers.config import TrainConfig
 from ptgraph.trainers.loop import train
+from ptgraph.trainers.lasso import proximal_step
 from ptgraph.trainers.prunetrain import keep_channels, lasso_lambda
 from toy_models import ResidualNet
 
@@ -62,6 +63,25 @@ def test_proximal_mode_gives_exact_zeros():
     pt.after_step()
     norms = np.concatenate(list(pt.channel_norms().values()))
     assert (norms == 0).sum() > 0
+
+
+def test_prox_every_defers_the_thresholding_with_the_summed_strength():
+    pt, opt = _pt(proximal=True, penalty_ratio=0.5, prox_every=3)
+    pt.penalty(torch.tensor(2.3))
+    before = {k: v.clone() for k, v in pt.model.state_dict().items()}
+    pt.after_step()
+    pt.after_step()
+    assert all(torch.equal(v, before[k]) for k, v in pt.model.state_dict().items())  # nothing applied yet
+    assert pt._pending == pytest.approx(2 * 0.1 * pt.lam)
+    reference, _ = _pt(proximal=True, penalty_ratio=0.5)
+    reference.lam = pt.lam
+    proximal_step(reference.index, reference.model, 3 * 0.1 * pt.lam)
+    pt.after_step()  # the third step applies all three steps' strength at once
+    assert pt._pending == 0.0
+    assert all(torch.equal(v, reference.model.state_dict()[k]) for k, v in pt.model.state_dict().items())
+    pt.after_step()
+    pt.plan()  # a plan sees every step's thresholding
+    assert pt._pending == 0.0
 
 
 @pytest.mark.parametrize("round_to", [1, 4, 8])

@@ -1,4 +1,7 @@
 """Small models named by specs in the CLI tests (`toy_models:NAME`)."""
+import os
+import signal
+
 import torch
 from torch import nn
 
@@ -58,3 +61,49 @@ def small_resnet(num_classes: int = 10):
     from ptgraph.cifar_models import BasicBlock, CifarResNet
 
     return CifarResNet(BasicBlock, [1, 1, 1], [8, 16, 16], num_classes)
+
+
+class PlainNet(nn.Module):
+    """No BatchNorm: a run split over processes computes what one process computes on the global batch."""
+
+    def __init__(self, width: int = 12, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, padding=1)
+        self.block = nn.Conv2d(width, width, 3, padding=1)
+        self.down = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1)
+        self.head = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = x + torch.relu(self.block(x))
+        return self.head(torch.relu(self.down(x)).mean((2, 3)))
+
+
+def plain_net(num_classes: int = 10):
+    return PlainNet(num_classes=num_classes)
+
+
+class KillSwitch(nn.Module):
+    """A leaf (fx cannot trace its branch on a value), so its Python runs at every call: in training it
+    SIGKILLs its own process at the call and rank named by PTGRAPH_TEST_KILL=RANK:CALL."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        if self.training and x.mean() > -1e30:
+            self.calls += 1
+            rank, _, call = os.environ.get("PTGRAPH_TEST_KILL", "-1:0").partition(":")
+            if os.environ.get("RANK") == rank and self.calls == int(call):
+                os.kill(os.getpid(), signal.SIGKILL)
+        return x
+
+
+class KillableNet(PlainNet):
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__(num_classes=num_classes)
+        self.switch = KillSwitch()
+
+    def forward(self, x):
+        return super().forward(self.switch(x))

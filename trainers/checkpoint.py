@@ -5,6 +5,7 @@ leaves the previous checkpoint intact.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 from pathlib import Path
@@ -14,6 +15,8 @@ import numpy as np
 import torch
 
 from ptgraph.errors import UserError
+from ptgraph.specs import parse_spec
+from ptgraph.trainers.config import TrainConfig
 
 FORMAT = "ptgraph-prunetrain"
 VERSION = 1
@@ -65,6 +68,17 @@ def load(path: Path) -> dict[str, Any]:
         raise UserError(f"{path} has checkpoint version {payload.get('version')}, this ptgraph reads {VERSION}; "
                         f"use the ptgraph release that wrote it")
     return payload
+
+
+def resumed_config(cfg: TrainConfig, payload: dict[str, Any], resume_dir: str) -> TrainConfig:
+    """The saved run's config; only where and how it runs (device, workers, logging, timeout) come from `cfg`."""
+    saved = TrainConfig(**payload["config"])
+    if cfg.model and parse_spec(cfg.model).name != parse_spec(saved.model).name:
+        raise UserError(f"the checkpoint in {resume_dir} is of {saved.model}, not {cfg.model}; "
+                        f"resume without --model or pass the matching run directory")
+    return dataclasses.replace(saved, device=cfg.device, workers=cfg.workers, data_on_device=cfg.data_on_device,
+                               tensorboard=cfg.tensorboard, dist_timeout=cfg.dist_timeout,
+                               run_dir=str(Path(resume_dir) if Path(resume_dir).is_dir() else Path(resume_dir).parent))
 
 
 def rebuild(payload: dict[str, Any]) -> tuple[torch.nn.Module, tuple[int, ...]]:

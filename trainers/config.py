@@ -20,10 +20,11 @@ class TrainConfig:
     penalty_ratio: float = 0.2
     threshold: float = 1e-4
     lasso: str = "proximal"  # proximal (group soft-thresholding) or subgradient (penalty in the loss)
+    prox_every: int = 1  # steps between proximal thresholdings (each with the strength of all of them)
     reconfig_every: int = 10  # epochs
     reconfig_steps: int | None = None  # overrides reconfig_every
     steps_per_epoch: int | None = None
-    round_to: int = 1
+    round_to: int | None = None  # None: 8 on CUDA (odd channel counts run slower than dense there), 1 on the CPU
     exact_only: bool = False
     dynamic_batch: bool = False
     max_batch: int | None = None
@@ -32,10 +33,14 @@ class TrainConfig:
     device: str = "auto"
     amp: str = "auto"  # auto: bf16 where supported on CUDA, else fp16 with a GradScaler; off on the CPU
     workers: int | None = None
+    data_on_device: str = "auto"  # hold the decoded data set on the device: auto (CUDA only), on, off
     seed: int = 0
     run_dir: str | None = None
     download: bool = False
     tensorboard: bool = True
+    scale_lr: bool = True  # under torchrun: lr x world size (batch_size is per process)
+    sync_bn: bool = False  # SyncBatchNorm across ranks (CUDA only)
+    dist_timeout: float = 300.0  # seconds a collective may wait for a peer before the run stops
 
     def resolved(self, family: str) -> "TrainConfig":
         """Fill the defaults that depend on the data family, and check the values."""
@@ -61,10 +66,13 @@ class TrainConfig:
             (self.reconfig_every > 0, "--reconfig-every must be a positive number of epochs"),
             (self.reconfig_steps is None or self.reconfig_steps > 0, "--reconfig-steps must be positive"),
             (self.steps_per_epoch is None or self.steps_per_epoch > 0, "--steps-per-epoch must be positive"),
-            (self.round_to >= 1, "--round-to must be 1 or more"),
+            (self.round_to is None or self.round_to >= 1, "--round-to must be 1 or more"),
+            (self.prox_every >= 1, "--prox-every must be 1 or more"),
             (self.schedule in ("step", "cosine"), "--schedule must be step or cosine"),
             (self.lasso in ("proximal", "subgradient"), "--lasso must be proximal or subgradient"),
             (self.amp in ("auto", "bf16", "fp16", "off"), "--amp must be auto, bf16, fp16 or off"),
+            (self.data_on_device in ("auto", "on", "off"), "--data-on-device must be auto, on or off"),
+            (self.dist_timeout > 0, "--dist-timeout must be a positive number of seconds"),
         ]
         for ok, message in rules:
             if not ok:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ptgraph.aux_outputs import AUX_WEIGHTS
 from ptgraph.cost import TRAIN_STEP_FACTOR, activation_elements
 from ptgraph.errors import UserError
 from ptgraph.graph import trace
@@ -25,11 +25,11 @@ from ptgraph.specs import build_model, parse_spec
 from ptgraph.trainers import checkpoint as ckpt
 from ptgraph.trainers.config import TrainConfig
 from ptgraph.trainers.data import DataSets, load_data
-from ptgraph.trainers.prunetrain import PruneTrain, Reconfiguration
-from ptgraph.trainers.report import MetricsLog, write_report
-
-AUX_WEIGHTS = {"GoogLeNetOutputs": 0.3, "InceptionOutputs": 0.4}  # the usual auxiliary-loss weights
-
+from ptgraph.trainers.distributed import Dist, ShardSampler, pick_device
+from ptgraph.trainers.distributed import setup as setup_distributed
+from ptgraph.trainers.prunetrain import PruneTrain, Reconfiguration, lasso_lambda
+from ptgraph.trainers.report import MetricsLog, make_run_dir, write_report
+from ptgraph.trainers.resident import DeviceBatches, ImageTensors, image_tensors
 
 def task_loss(out: Any, y: torch.Tensor) -> torch.Tensor:
     """Cross-entropy; models that return auxiliary logits in training add them with their usual weight."""
@@ -51,17 +51,6 @@ def _spec_with_classes(spec: str, num_classes: int) -> str:
     return spec
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name} asked for CUDA, which this machine does not have; use --device cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device '{name}' is not a device; use auto, cpu, cuda or cuda:N") from None
-
-
 def _amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     if device.type != "cuda" or cfg.amp == "off":
         return None
@@ -73,13 +62,22 @@ def _amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
 class Run:
     """One training run: everything the loop needs, rebuilt identically from a checkpoint."""
 
-    def __init__(self, cfg: TrainConfig, resume: dict[str, Any] | None = None) -> None:
-        self.data: DataSets = load_data(cfg.data, cfg.download)
+    def __init__(self, cfg: TrainConfig, resume: dict[str, Any] | None = None, dist: Dist | None = None) -> None:
+        self.dist = dist or Dist(device=pick_device(cfg.device))
+        self.rank, self.world = self.dist.rank, self.dist.world  # this process's shard of every batch
+        load = lambda: load_data(cfg.data, cfg.download)  # noqa: E731
+        self.data: DataSets = self.dist.local_first(load) if cfg.download else load()
         self.cfg = cfg = cfg.resolved(self.data.family)
-        self.device = _device(cfg.device)
+        self.device = self.dist.device
+        if cfg.round_to is None:  # tensor cores want channel counts in multiples of 8 (docs/BENCHMARKS.md)
+            self.cfg = cfg = dataclasses.replace(cfg, round_to=8 if self.device.type == "cuda" else 1)
         torch.manual_seed(cfg.seed)
         self.spec = _spec_with_classes(cfg.model, self.data.num_classes)
         model = build_model(self.spec).train()
+        if cfg.sync_bn:
+            if self.dist.active and self.device.type != "cuda":
+                raise UserError("--sync-bn needs CUDA (SyncBatchNorm has no CPU kernel); leave it out on the CPU")
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # before tracing: the analysis binds these
         size = self.data.image_size
         self.input_shape = (2, 3, size, size)
         example = (torch.randn(self.input_shape),)
@@ -92,7 +90,7 @@ class Run:
                             f"build it with num_classes={self.data.num_classes}")
         self.pt = PruneTrain(graph, example, None, penalty_ratio=cfg.penalty_ratio, threshold=cfg.threshold,
                              reconfig_steps=cfg.reconfig_steps, round_to=cfg.round_to,
-                             proximal=cfg.lasso == "proximal", exact_only=cfg.exact_only)
+                             proximal=cfg.lasso == "proximal", exact_only=cfg.exact_only, prox_every=cfg.prox_every)
         self.widths_before = self._widths()
         self.dense_flops = self.pt.dense_flops
         for plan_json in (resume or {}).get("plans", []):
@@ -103,8 +101,9 @@ class Run:
             torch.backends.cudnn.benchmark = True
         self.amp = _amp_dtype(cfg, self.device)
         self.batch = cfg.batch_size
-        self.lr_scale = 1.0
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+        self.lr_scale = 1.0  # the dynamic batch's factor
+        self.world_scale = float(self.world) if cfg.scale_lr else 1.0  # lr x processes: batch_size is per process
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr * self.world_scale, momentum=cfg.momentum,
                                    weight_decay=cfg.weight_decay)
         self.pt.optimizer = self.opt
         if cfg.schedule == "cosine":
@@ -114,6 +113,7 @@ class Run:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp is torch.float16)
         self.epoch, self.train_flops, self.dense_train_flops = 0, 0.0, 0.0
         self.records: list[dict[str, Any]] = []
+        self._on_device: dict[int, ImageTensors | None] = {}
         self.runner = self._compiled()
         if resume:
             self._restore(resume)
@@ -123,10 +123,13 @@ class Run:
         return {n: m.out_channels for n, m in self.pt.model.named_modules() if isinstance(m, nn.modules.conv._ConvNd)}
 
     def _compiled(self) -> nn.Module:
+        """What a step calls: the model, wrapped in DDP under torchrun (rebuilt after every shrink), compiled on request."""
+        self.runner = None  # drops the old DDP wrapper and its buckets before a new one is built
+        module = self.dist.wrap(self.model)
         if not self.cfg.compile:
-            return self.model
+            return module
         torch._dynamo.reset()
-        return torch.compile(self.model)
+        return torch.compile(module)
 
     def state(self) -> dict[str, Any]:
         return {
@@ -134,7 +137,8 @@ class Run:
             "input_shape": self.input_shape,
             "model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
             "scaler": self.scaler.state_dict(), "rng": ckpt.rng_state(), "epoch": self.epoch, "steps": self.pt.steps,
-            "lam": self.pt.lam, "batch": self.batch, "lr_scale": self.lr_scale, "train_flops": self.train_flops,
+            "lam": self.pt.lam, "batch": self.batch, "lr_scale": self.lr_scale, "world": self.world,
+            "world_scale": self.world_scale, "train_flops": self.train_flops,
             "dense_train_flops": self.dense_train_flops, "records": self.records,
         }
 
@@ -149,25 +153,49 @@ class Run:
         self.scaler.load_state_dict(s["scaler"])
         self.epoch, self.pt.steps, self.pt.lam = s["epoch"], s["steps"], s["lam"]
         self.batch, self.lr_scale = s["batch"], s["lr_scale"]
+        if s.get("world_scale", 1.0) != self.world_scale:  # resumed with another number of processes
+            self._scale_lr(self.world_scale / s.get("world_scale", 1.0))
         self.train_flops, self.dense_train_flops = s["train_flops"], s["dense_train_flops"]
         self.records = list(s["records"])
         ckpt.set_rng_state(s["rng"])
 
     # -- training ------------------------------------------------------------------------------
-    def loader(self, dataset, shuffle: bool, epoch: int) -> DataLoader:
-        gen = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
+    def loader(self, dataset, shuffle: bool, epoch: int) -> DataLoader | DeviceBatches:
+        seed = self.cfg.seed * 100_003 + epoch
+        sampler = ShardSampler(len(dataset), self.rank, self.world, shuffle, seed)  # same global batches for any world
+        gen = torch.Generator().manual_seed(seed * 1_009 + self.rank)  # worker seeds: augmentations differ per rank
+        split = self._resident(dataset, shuffle)
+        if split is not None:
+            return DeviceBatches(split, list(sampler), self.batch, drop_last=shuffle, seed=seed * 1_009 + self.rank,
+                                 channels_last=self.device.type == "cuda")
         workers = self.cfg.workers if self.cfg.workers is not None else (4 if self.device.type == "cuda" else 0)
-        return DataLoader(dataset, batch_size=self.batch, shuffle=shuffle, generator=gen, num_workers=workers,
+        return DataLoader(dataset, batch_size=self.batch, sampler=sampler, generator=gen, num_workers=workers,
                           pin_memory=self.device.type == "cuda", drop_last=shuffle, persistent_workers=False)
+
+    def _resident(self, dataset, train: bool) -> ImageTensors | None:
+        """The split held on the device (decoded once), when --data-on-device asks for it and the data allow."""
+        mode = self.cfg.data_on_device
+        if mode == "off" or (mode == "auto" and self.device.type != "cuda"):
+            return None
+        if id(dataset) not in self._on_device:
+            split = image_tensors(dataset, train)
+            if split is None and mode == "on":
+                raise UserError(f"--data-on-device on: {self.cfg.data} cannot be held in memory; use auto or off")
+            self._on_device[id(dataset)] = split.to(self.device) if split is not None else None
+        return self._on_device[id(dataset)]
 
     def _to(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)
         return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" and x.dim() == 4 else x
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step; returns the loss and the number of hits as device tensors (reading them would make the
+        CPU wait for the GPU every step)."""
         with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
             out = self.runner(x)
             loss = task_loss(out, y)
+            if self.pt.lam is None and not self.cfg.dense and self.dist.active:
+                self._calibrate(loss)
             total = loss if self.cfg.dense else loss + self.pt.penalty(loss)
         self.scaler.scale(total).backward()
         self.scaler.step(self.opt)
@@ -175,14 +203,22 @@ class Run:
         self.opt.zero_grad(set_to_none=True)
         if not self.cfg.dense:
             self.pt.after_step()
-        correct = int((logits(out).argmax(1) == y).sum())
-        return float(loss.detach()), correct
+        return loss.detach().float(), (logits(out).argmax(1) == y).sum()
+
+    def _calibrate(self, loss: torch.Tensor) -> None:
+        """lambda from the global batch's loss (the mean over ranks), decided on rank 0 for every rank."""
+        (mean,) = self.dist.sum(float(loss.detach()) / self.world)
+        with torch.no_grad():
+            lam = lasso_lambda(mean, float(self.pt.lasso()), self.pt.penalty_ratio)
+        self.pt.lam = self.dist.broadcast_object(lam)
 
     def reconfigure(self, console) -> Reconfiguration | None:
         act_before = activation_elements(self.model)
-        r = self.pt.reconfigure()
+        r = self.pt.reconfigure(self.dist.broadcast_plan(self.pt.plan() if self.dist.main else None))
         if r is None:
             return None
+        if self.device.type == "cuda":  # shrink's index_select returns NCHW weights; DDP's buckets take these strides
+            self.model.to(memory_format=torch.channels_last)
         self.runner = self._compiled()
         shrunk = ", ".join(f"g{g}: {a}->{b}" for g, (a, b) in sorted(r.report.groups.items())[:8])
         more = f" (+{len(r.report.groups) - 8} more)" if len(r.report.groups) > 8 else ""
@@ -200,69 +236,81 @@ class Run:
     def _grow_batch(self, freed: float) -> dict[str, Any]:
         """The SC'19 dynamic mini-batch: memory freed per sample lets the batch grow; LR scales linearly."""
         cap = self.cfg.max_batch or 4 * self.cfg.batch_size
-        new = min(cap, int(self.batch * freed) // 8 * 8)
+        new = self.dist.broadcast_object(min(cap, int(self.batch * freed) // 8 * 8))  # rank 0 decides for all
         if new > self.batch:
             factor = new / self.batch
             self.lr_scale *= factor
-            self.sched.base_lrs = [lr * factor for lr in self.sched.base_lrs]
-            for g in self.opt.param_groups:
-                g["lr"] *= factor
+            self._scale_lr(factor)
             self.batch = new
         return {"batch": self.batch, "lr_scale": self.lr_scale}
 
+    def _scale_lr(self, factor: float) -> None:
+        self.sched.base_lrs = [lr * factor for lr in self.sched.base_lrs]
+        for g in self.opt.param_groups:
+            g["lr"] *= factor
+
     @torch.no_grad()
     def evaluate(self) -> float:
+        """Accuracy on the validation set, each rank on its shard, with rank 0's BatchNorm statistics."""
+        self.dist.sync_buffers(self.model)
         self.model.eval()
-        correct = total = 0
+        correct, total = torch.zeros((), dtype=torch.long, device=self.device), 0
+        runner = self.runner if self.cfg.compile else self.model  # not DDP, whose forward may sync: shards differ
         for x, y in self.loader(self.data.val, False, 0):
             x, y = self._to(x), self._to(y)
             with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
-                out = self.runner(x)
-            correct += int((logits(out).argmax(1) == y).sum())
+                out = runner(x)
+            correct += (logits(out).argmax(1) == y).sum()
             total += len(y)
         self.model.train()
+        correct, total = self.dist.sum(int(correct), total)
         return correct / max(total, 1)
 
 
-def default_run_dir(model: str) -> Path:
-    name = parse_spec(model).name.replace("/", "_")
-    return Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
-
-
 def train(cfg: TrainConfig, resume_dir: str | None = None, console=None) -> dict[str, Any]:
-    """Run PruneTrain (or dense training with cfg.dense) and return the final figures."""
+    """Run PruneTrain (or dense training with cfg.dense) and return the final figures.
+
+    Under torchrun every process calls this and trains its shard with DDP (see distributed.py); a
+    rank that dies or stalls makes the others stop with a RankFailure that names the checkpoint.
+    """
+    d = setup_distributed(cfg.device, cfg.dist_timeout)
+    try:
+        with d.failures():
+            return _train(cfg, resume_dir, console, d)
+    finally:
+        d.teardown()
+
+
+def _train(cfg: TrainConfig, resume_dir: str | None, console, d: Dist) -> dict[str, Any]:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    console = console or Console()
+    console = (console or Console()) if d.main else Console(quiet=True)
     payload = None
     if resume_dir:
-        payload = ckpt.load(Path(resume_dir))
-        saved = TrainConfig(**payload["config"])
-        if cfg.model and parse_spec(cfg.model).name != parse_spec(saved.model).name:
-            raise UserError(f"the checkpoint in {resume_dir} is of {saved.model}, not {cfg.model}; "
-                            f"resume without --model or pass the matching run directory")
-        cfg = dataclasses.replace(saved, device=cfg.device, workers=cfg.workers, tensorboard=cfg.tensorboard,
-                                  run_dir=str(Path(resume_dir) if Path(resume_dir).is_dir() else Path(resume_dir).parent))
-    run = Run(cfg, payload)
+        payload = d.on_main(lambda: ckpt.load(Path(resume_dir)))
+        cfg = ckpt.resumed_config(cfg, payload, resume_dir)
+    run = Run(cfg, payload, d)
     cfg = run.cfg
-    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg.model)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create run directory {run_dir} ({e.strerror}); pass a writable --run-dir") from None
-    log = MetricsLog(run_dir, cfg.tensorboard)
-    log.truncate_after(run.epoch)
+    run_dir = d.on_main(lambda: make_run_dir(cfg.run_dir, cfg.model))  # rank 0's name (it holds the time) and disk
+    d.checkpoint = run_dir / "checkpoint.pt"
+    log = MetricsLog(run_dir, cfg.tensorboard) if d.main else None
+    if log:
+        log.truncate_after(run.epoch)
     mode = "dense" if cfg.dense else f"PruneTrain ({cfg.lasso} lasso, penalty ratio {cfg.penalty_ratio})"
-    console.print(f"{mode}: {run.spec} on {cfg.data}, {cfg.epochs} epochs, batch {run.batch}, lr {cfg.lr:g}, "
-                  f"device {run.device}{', ' + str(run.amp).replace('torch.', '') if run.amp else ''}; run dir {run_dir}")
+    procs = f" x {run.world} processes" if run.world > 1 else ""
+    if payload and payload.get("world", 1) != run.world:
+        console.print(f"resuming a {payload.get('world', 1)}-process run with {run.world} (batch per process kept)")
+    console.print(f"{mode}: {run.spec} on {cfg.data}, {cfg.epochs} epochs, batch {run.batch}{procs}, "
+                  f"lr {cfg.lr * run.world_scale:g}, device {run.device}"
+                  f"{', ' + str(run.amp).replace('torch.', '') if run.amp else ''}; run dir {run_dir}")
     start = time.perf_counter()
     while run.epoch < cfg.epochs:
         epoch_start = time.perf_counter()
         loader = run.loader(run.data.train, True, run.epoch)
         n_steps = min(len(loader), cfg.steps_per_epoch or len(loader))
-        seen = correct = 0
-        loss_sum = 0.0
+        seen, shown = 0, 0.0
+        correct = loss_sum = torch.zeros((), device=run.device)
         with Progress(TextColumn(f"epoch {run.epoch + 1}/{cfg.epochs}"), BarColumn(), TextColumn("{task.fields[info]}"),
                       TimeRemainingColumn(), console=console, transient=True) as bar:
             task = bar.add_task("train", total=n_steps, info="")
@@ -276,13 +324,19 @@ def train(cfg: TrainConfig, resume_dir: str | None = None, console=None) -> dict
                     raise UserError(f"out of memory with a batch of {len(y)}; lower --batch-size"
                                     + (" or --max-batch" if cfg.dynamic_batch else "")) from None
                 flops_now = run.pt.flops
-                run.train_flops += TRAIN_STEP_FACTOR * flops_now * len(y)
-                run.dense_train_flops += TRAIN_STEP_FACTOR * run.dense_flops * len(y)
+                run.train_flops += TRAIN_STEP_FACTOR * flops_now * len(y) * run.world
+                run.dense_train_flops += TRAIN_STEP_FACTOR * run.dense_flops * len(y) * run.world
                 seen, correct, loss_sum = seen + len(y), correct + hits, loss_sum + loss * len(y)
-                rate = seen / (time.perf_counter() - epoch_start)
-                bar.update(task, advance=1, info=f"loss {loss_sum / seen:.3f} acc {correct / seen:.1%} {rate:.0f} img/s")
+                now = time.perf_counter()
+                if now - shown > 0.5 or i + 1 == n_steps:  # the figures need a GPU sync: twice a second at most
+                    shown, rate = now, seen * run.world / (now - epoch_start)
+                    bar.update(task, info=f"loss {float(loss_sum) / seen:.3f} acc {float(correct) / seen:.1%} "
+                                          f"{rate:.0f} img/s")
+                bar.advance(task)
                 if not cfg.dense and run.pt.reconfiguration_due():
                     run.reconfigure(console)
+        run.pt.flush()  # every epoch ends with its thresholding applied (checkpoints hold no pending strength)
+        seen, correct, loss_sum = d.sum(seen, int(correct), float(loss_sum))  # over all ranks' shards
         run.sched.step()
         last = run.epoch + 1 == cfg.epochs
         if not cfg.dense and not cfg.reconfig_steps and (run.epoch + 1) % cfg.reconfig_every == 0 and not last:
@@ -294,18 +348,20 @@ def train(cfg: TrainConfig, resume_dir: str | None = None, console=None) -> dict
             "val_acc": val_acc, "channels": sum(run.pt.channels.values()), "flops": run.pt.flops,
             "params": count_params(run.model), "train_flops": run.train_flops,
             "train_flops_share": run.train_flops / max(run.dense_train_flops, 1), "lr": run.opt.param_groups[0]["lr"],
-            "batch": run.batch, "seconds": time.perf_counter() - epoch_start,
+            "batch": run.batch, "world": run.world, "seconds": time.perf_counter() - epoch_start,
         }
         run.records.append(record)
         for r in run.records:  # every reconfiguration of this epoch, then the epoch line
-            if r["epoch"] == run.epoch:
+            if r["epoch"] == run.epoch and log:
                 log.write(r)
         console.print(
             f"epoch {run.epoch:>3}: loss {record['train_loss']:.4f}  val acc {val_acc:.2%}  channels {record['channels']}  "
             f"FLOPs/img {record['flops'] / 1e6:.1f}M  train FLOPs {run.train_flops / 1e12:.3f}T "
             f"({record['train_flops_share']:.1%} of dense)  {record['seconds']:.1f} s")
-        ckpt.save(run_dir / "checkpoint.pt", run.state())
-    log.close()
+        if d.main:
+            ckpt.save(run_dir / "checkpoint.pt", run.state())
+    if log:
+        log.close()
     summary = {
         "model": run.spec, "data": cfg.data, "mode": "dense" if cfg.dense else "prunetrain", "epochs": cfg.epochs,
         "val_acc": run.records[-1]["val_acc"] if run.records else None, "flops": run.pt.flops,
@@ -314,7 +370,7 @@ def train(cfg: TrainConfig, resume_dir: str | None = None, console=None) -> dict
         "reconfigurations": len(run.pt.plans), "wall_seconds": time.perf_counter() - start, "run_dir": str(run_dir),
     }
     epochs = [r for r in run.records if r["kind"] == "epoch"]
-    if epochs:
+    if epochs and d.main:
         write_report(run_dir, run.records, run.widths_before, run._widths(), summary)
     console.print(f"done: val acc {summary['val_acc']:.2%}, FLOPs/img {run.dense_flops / 1e6:.1f}M -> "
                   f"{summary['flops'] / 1e6:.1f}M, training FLOPs {summary['train_flops_share']:.1%} of dense; "

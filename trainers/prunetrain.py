@@ -68,6 +68,7 @@ class PruneTrain:
         round_to: int = 1,
         proximal: bool = True,
         exact_only: bool = False,
+        prox_every: int = 1,
         leaf_modules: Iterable[str | type] = (),
         ignore: Iterable[str] = (),
     ) -> None:
@@ -80,6 +81,8 @@ class PruneTrain:
         self.round_to = round_to
         self.proximal = proximal
         self.exact_only = exact_only
+        self.prox_every = prox_every
+        self._pending = 0.0  # proximal strength (sum of lr * lambda) not applied yet
         self.lam: float | None = None
         self.steps = 0
         self.plans: list[PrunePlan] = []
@@ -125,11 +128,20 @@ class PruneTrain:
         return self.lam * self.lasso()
 
     def after_step(self) -> None:
-        """Call after optimizer.step(): counts the step and, in proximal mode, soft-thresholds channels."""
+        """Call after optimizer.step(): counts the step and, in proximal mode, soft-thresholds channels
+        (every `prox_every` steps, with the strength of all of them: on a GPU a small model's step is
+        launch-bound, and the thresholding is a few kernels per layer)."""
         self.steps += 1
         if self.proximal and self.lam:
-            lr = self.optimizer.param_groups[0]["lr"]
-            proximal_step(self.index, self.model, lr * self.lam)
+            self._pending += self.optimizer.param_groups[0]["lr"] * self.lam
+            if self.steps % self.prox_every == 0:
+                self.flush()
+
+    def flush(self) -> None:
+        """Apply the proximal strength accumulated since the last thresholding."""
+        if self._pending:
+            proximal_step(self.index, self.model, self._pending)
+            self._pending = 0.0
 
     def reconfiguration_due(self) -> bool:
         return bool(self.reconfig_steps) and self.steps > 0 and self.steps % self.reconfig_steps == 0
@@ -141,7 +153,9 @@ class PruneTrain:
         return {gid: norms[s] for gid, s in self.index.group_slices.items()}
 
     def plan(self) -> PrunePlan:
-        """The channels to keep: norm at or over the threshold (rounded as configured)."""
+        """The channels to keep: norm at or over the threshold (rounded as configured), after any pending
+        thresholding."""
+        self.flush()
         keep = {}
         norms = self.channel_norms()
         for gid, n in norms.items():

@@ -2,8 +2,28 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+from ptgraph.errors import UserError
+
+
+def default_run_dir(model: str) -> Path:
+    from ptgraph.specs import parse_spec
+
+    name = parse_spec(model).name.replace("/", "_")
+    return Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def make_run_dir(run_dir: str | None, model: str) -> Path:
+    """--run-dir, or runs/MODEL-DATE, created."""
+    path = Path(run_dir) if run_dir else default_run_dir(model)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create run directory {path} ({e.strerror}); pass a writable --run-dir") from None
+    return path
 
 
 class MetricsLog:
