@@ -1,0 +1,35 @@
+"""The benchmark tools run from a checkout: FLOP-targeted plans, the CIFAR table on tiny settings."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+
+import bench_step  # noqa: E402
+import cifar_table  # noqa: E402
+
+
+@pytest.mark.parametrize("round_to", [1, 8])
+def test_bench_step_finds_the_flop_cut(round_to):
+    _, dense = bench_step.pruned("ptgraph:resnet56", 32, 0.0, 1)
+    variant = bench_step.at_flop_cut("ptgraph:resnet56", 32, 0.25, round_to, dense)
+    assert abs((1 - variant.flops / dense) - 0.25) < 0.06
+    widths = [m.out_channels for m in variant.model.modules() if hasattr(m, "out_channels")]
+    if round_to == 8:
+        assert all(w % 8 == 0 for w in widths)
+    else:
+        assert any(w % 8 for w in widths)
+
+
+def test_cifar_table_runs_both_modes_and_reuses_finished_runs(tmp_path, capsys):
+    argv = ["--models", "toy_models:small_resnet", "--data", "synthetic:easy", "--epochs", "1", "--steps-per-epoch", "2",
+            "--batch-size", "16", "--reconfig-every", "1", "--out", str(tmp_path)]
+    assert cifar_table.main(argv) == 0
+    table = json.loads((tmp_path / "table.json").read_text())
+    assert len(table["rows"]) == 1 and table["rows"][0]["dense_acc"] is not None
+    assert "| toy_models:small_resnet |" in (tmp_path / "table.md").read_text()
+    assert cifar_table.main(argv) == 0
+    assert capsys.readouterr().out.count("reusing") == 2
+    assert cifar_table.main(argv[:-2] + ["--modes", "sparse", "--out", str(tmp_path)]) == 2
