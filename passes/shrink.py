@@ -108,6 +108,14 @@ def _owner(module: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (module.get_submodule(path) if path else module), attr
 
 
+def _select(t: torch.Tensor, axis: int, index: torch.Tensor) -> torch.Tensor:
+    """index_select that keeps a channels_last tensor channels_last (index_select returns NCHW)."""
+    out = t.index_select(axis, index)
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
+
+
 def _slice_tensor(module: nn.Module, name: str, axis: int, keep: np.ndarray, state: dict) -> None:
     owner, attr = _owner(module, name)
     t = getattr(owner, attr)
@@ -116,17 +124,17 @@ def _slice_tensor(module: nn.Module, name: str, axis: int, keep: np.ndarray, sta
     with torch.no_grad():
         if isinstance(t, nn.Parameter):
             grad = t.grad
-            new = t.data.index_select(axis, index)
+            new = _select(t.data, axis, index)
             # A live autograd graph (last step's loss) keeps the parameter's AccumulateGrad node,
             # which remembers the old shape; setting data of another dtype first drops it.
             t.data = torch.empty(0, dtype=torch.float64 if t.dtype != torch.float64 else torch.float32,
                                  device=t.device)
             t.data = new
             if grad is not None:
-                t.grad = grad.index_select(axis, index)
+                t.grad = _select(grad, axis, index)
             for key, value in state.get(t, {}).items():
                 if isinstance(value, torch.Tensor) and value.shape == old_shape:
-                    state[t][key] = value.index_select(axis, index)
+                    state[t][key] = _select(value, axis, index)
         elif attr in owner._buffers:
             owner._buffers[attr] = t.index_select(axis, index)
         else:

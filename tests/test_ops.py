@@ -303,3 +303,21 @@ def test_plan_round_trip_and_checks():
     frozen = [g for g in analysis.groups if not g.prunable][0]
     with pytest.raises(UserError):
         shrink(analysis, PrunePlan({frozen.id: (0,)}))
+
+
+def test_shrink_keeps_channels_last_weights_grads_and_state():
+    model = Residual().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 4, 4).contiguous(memory_format=torch.channels_last)
+    graph = ptgraph.trace(model, (x,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    graph.module(x).sum().backward()
+    opt.step()
+    analysis = analyze_channels(graph)
+    shrink(analysis, random_plan(analysis.groups, 0.5, 0), opt)
+    convs = [p for p in model.parameters() if p.dim() == 4 and p.shape[2:] != (1, 1)]
+    assert convs
+    for p in convs:
+        assert p.is_contiguous(memory_format=torch.channels_last)
+        assert p.grad.is_contiguous(memory_format=torch.channels_last)
+        assert opt.state[p]["momentum_buffer"].is_contiguous(memory_format=torch.channels_last)
+    assert graph.module(x).shape == (2, 5)

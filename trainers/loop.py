@@ -31,6 +31,7 @@ from ptgraph.trainers.prunetrain import PruneTrain, Reconfiguration, lasso_lambd
 from ptgraph.trainers.report import MetricsLog, make_run_dir, write_report
 from ptgraph.trainers.resident import DeviceBatches, ImageTensors, image_tensors
 
+
 def task_loss(out: Any, y: torch.Tensor) -> torch.Tensor:
     """Cross-entropy; models that return auxiliary logits in training add them with their usual weight."""
     if isinstance(out, torch.Tensor):
@@ -217,8 +218,6 @@ class Run:
         r = self.pt.reconfigure(self.dist.broadcast_plan(self.pt.plan() if self.dist.main else None))
         if r is None:
             return None
-        if self.device.type == "cuda":  # shrink's index_select returns NCHW weights; DDP's buckets take these strides
-            self.model.to(memory_format=torch.channels_last)
         self.runner = self._compiled()
         shrunk = ", ".join(f"g{g}: {a}->{b}" for g, (a, b) in sorted(r.report.groups.items())[:8])
         more = f" (+{len(r.report.groups) - 8} more)" if len(r.report.groups) > 8 else ""
