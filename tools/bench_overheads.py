@@ -73,7 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default=MODELS)
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--batch", type=int, default=8, help="training-step batch (default 8: this is a CPU)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     models = args.models.split(",")
     shrink = timing_worker(models, args.runs, 0.3)
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "CPU")

@@ -155,7 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default: CPU 3, GPU 5)")
     p.add_argument("--steps", type=int, default=None, help="steps per timing (default: CPU 2, GPU 10)")
     p.add_argument("--json", default=None, help="write the rows to this file")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     if gpu:
