@@ -85,8 +85,9 @@ def _spawn(cfg: TrainConfig, out: Path, world: int = 2, kill_at_step: int | None
     procs = [ctx.Process(target=_rank_main, args=(r, world, port, cfg, out, kill_at_step)) for r in range(world)]
     for p in procs:
         p.start()
+    deadline = time.monotonic() + 300  # generous: a loaded 2-core machine takes minutes to spawn and import
     for p in procs:
-        p.join(timeout=120)
+        p.join(timeout=max(1.0, deadline - time.monotonic()))
     for p in procs:
         if p.is_alive():  # a hang is a failure of the test, not of the machine
             p.kill()
