@@ -62,9 +62,14 @@ NUM_CLASSES = 1000
 
 
 def _first(e: BaseException) -> str:
+    """The exception's first line, and where it was raised (the innermost frame)."""
     text = str(e).strip()
-    line = text.splitlines()[0] if text else ""
-    return f"{type(e).__name__}: {line}"[:200]
+    line = text.splitlines()[0][:160] if text else ""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = f" [{'/'.join(Path(tb.tb_frame.f_code.co_filename).parts[-2:])}:{tb.tb_lineno}]" if tb else ""
+    return f"{type(e).__name__}: {line}{where}"
 
 
 def _tensors(out: Any) -> list:
