@@ -1,5 +1,6 @@
 """The CIFAR ResNets of the PruneTrain paper, as built-in specs (`ptgraph:resnet32`): torchvision has none.
 
+mobilenet_v2: torchvision's, adapted to 32x32 (see its docstring).
 resnet20/32/56/110: three stages of basic blocks, 16/32/64 channels, 32x32 input (He et al., 2016),
 with 1x1 projection shortcuts where the shape changes. resnet50: the bottleneck [3, 4, 6, 3]
 layout of ImageNet's ResNet-50 with a 3x3 stem and no max-pool, for 32x32 images.
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from ptgraph.errors import UserError
 
 
 def _conv_bn(cin: int, cout: int, k: int, stride: int = 1) -> list[nn.Module]:
@@ -89,15 +92,19 @@ def resnet50(num_classes: int = 10) -> CifarResNet:
     return CifarResNet(Bottleneck, [3, 4, 6, 3], [64, 128, 256, 512], num_classes)
 
 
-def mobilenet_v2(num_classes: int = 10) -> nn.Module:
-    """torchvision's MobileNetV2 for 32x32 inputs: the stem and the first stride-2 block run at stride 1
-    (the usual CIFAR adaptation), so the last feature map is 4x4 rather than 1x1. An architecture the
-    original PruneTrain code could not prune: depthwise convs, inverted residuals, no ReLU after the adds."""
+def mobilenet_v2(num_classes: int = 10, width_mult: float = 1.0, stride: int = 8) -> nn.Module:
+    """torchvision's MobileNetV2 for 32x32 inputs. stride 8: the stem and the first stride-2 block run at
+    stride 1 (the usual CIFAR adaptation, last feature map 4x4); stride 16: only the stem does (2x2,
+    about a quarter of the FLOPs, for CPU runs). An architecture the original PruneTrain code could not
+    prune: depthwise convs, inverted residuals, no ReLU after the adds."""
     from torchvision.models import mobilenet_v2 as tv_mobilenet_v2
 
-    model = tv_mobilenet_v2(num_classes=num_classes)
+    if stride not in (8, 16):
+        raise UserError(f"ptgraph:mobilenet_v2 takes stride=8 or stride=16, not {stride}")
+    model = tv_mobilenet_v2(num_classes=num_classes, width_mult=width_mult)
     model.features[0][0].stride = (1, 1)
-    model.features[2].conv[1][0].stride = (1, 1)
+    if stride == 8:
+        model.features[2].conv[1][0].stride = (1, 1)
     return model
 
 

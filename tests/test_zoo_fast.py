@@ -63,3 +63,22 @@ def test_small_vit_verifies():
     analysis, _ = _check(model, 32)
     mlp_hidden = [g for g in analysis.groups if g.prunable and any(".mlp.0." in m.name for m in g.members)]
     assert len(mlp_hidden) == 2  # one MLP hidden layer per encoder block
+
+
+@pytest.mark.parametrize("spec,last_map", [("ptgraph:mobilenet_v2?width_mult=0.5", 4),
+                                           ("ptgraph:mobilenet_v2?width_mult=0.5&stride=16", 2)])
+def test_cifar_mobilenet_v2_verifies_at_both_strides(spec, last_map):
+    from ptgraph.specs import build_model
+
+    model = build_model(spec)
+    assert model.features(torch.randn(1, 3, 32, 32)).shape[-1] == last_map
+    _, share = _check(model, 32)
+    assert share > 0.9
+
+
+def test_cifar_mobilenet_v2_rejects_other_strides():
+    from ptgraph.errors import UserError
+    from ptgraph.specs import build_model
+
+    with pytest.raises(UserError, match="stride=8 or stride=16"):
+        build_model("ptgraph:mobilenet_v2?stride=32")

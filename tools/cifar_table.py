@@ -4,16 +4,20 @@ For each model, trains it twice through the product's own loop (`ptgraph.trainer
 once dense, once with PruneTrain, then writes a markdown table (and JSON) of top-1 accuracy,
 training FLOPs as a share of dense, final inference FLOPs and parameters, and wall time.
 
-Runs land in OUT/<model>-dense and OUT/<model>-prunetrain. A finished run (summary.json present)
-is reused; an interrupted one resumes from its checkpoint, so the table can be built across sessions:
+Several penalty ratios give several PruneTrain runs (one table row each) against one dense run:
+the accuracy/FLOPs trade-off. Runs land in OUT/<model>-dense and OUT/<model>-prunetrain-p<ratio>. A
+finished run (summary.json present) is reused; an interrupted one resumes from its checkpoint, so
+the table can be built across sessions:
 
-    python tools/cifar_table.py --models ptgraph:resnet20 --epochs 12 --reconfig-every 2 \\
-        --penalty-ratio 0.8 --out runs/cifar_cpu
+    python tools/cifar_table.py --models ptgraph:resnet20 --epochs 10 --reconfig-every 2 \\
+        --penalty-ratio 0.9,0.95 --out runs/cifar_cpu
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,10 +32,10 @@ DEFAULT_DATA = "cifar10-npz:../shared/data/cifar10-jpeg.npz"
 PAPER = {"resnet32": "paper (182 epochs): 53% fewer training FLOPs, 66% fewer inference FLOPs, 91.8% top-1"}
 
 
-def epoch_seconds(run_dir: Path) -> float:
-    """Training wall time summed over the logged epochs, so a resumed run counts every segment once."""
+def epoch_seconds(run_dir: Path) -> list[float]:
+    """Every logged epoch's wall time, so a resumed run counts every segment once."""
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return sum(r["seconds"] for r in map(json.loads, lines) if r.get("kind") == "epoch")
+    return [r["seconds"] for r in map(json.loads, lines) if r.get("kind") == "epoch"]
 
 
 def run_one(cfg: TrainConfig, run_dir: Path) -> dict:
@@ -41,7 +45,9 @@ def run_one(cfg: TrainConfig, run_dir: Path) -> dict:
         return json.loads(done.read_text())
     resume = str(run_dir) if (run_dir / "checkpoint.pt").exists() else None
     summary = train(cfg, resume_dir=resume)
-    summary["train_seconds"] = epoch_seconds(run_dir)
+    seconds = epoch_seconds(run_dir)
+    summary["train_seconds"] = sum(seconds)
+    summary["median_epoch_seconds"] = statistics.median(seconds)
     done.write_text(json.dumps(summary, indent=1))
     return summary
 
@@ -49,32 +55,37 @@ def run_one(cfg: TrainConfig, run_dir: Path) -> dict:
 def schedule_text(cfg: TrainConfig, args: argparse.Namespace) -> str:
     lr = "cosine" if cfg.schedule == "cosine" else "x0.1 at 50%/75%"
     return (f"{cfg.epochs} epochs, batch {cfg.batch_size or 128}, lr {cfg.lr if cfg.lr is not None else 0.1:g} ({lr}), "
-            f"reconfigure every {cfg.reconfig_every} epochs, penalty ratio {cfg.penalty_ratio:g}, "
+            f"reconfigure every {cfg.reconfig_every} epochs, "
             f"threshold {cfg.threshold:g}, round-to {cfg.round_to or 'auto (8 on CUDA, 1 on CPU)'}, proximal step every {cfg.prox_every} steps")
 
 
-def row(name: str, dense: dict, pruned: dict) -> dict:
+def row(name: str, ratio: float, dense: dict, pruned: dict) -> dict:
     return {
-        "model": name, "dense_acc": dense["val_acc"], "prunetrain_acc": pruned["val_acc"],
+        "model": name, "penalty_ratio": ratio, "dense_acc": dense["val_acc"], "prunetrain_acc": pruned["val_acc"],
         "train_flops_share": pruned["train_flops_share"],
         "dense_flops": dense["flops"], "pruned_flops": pruned["flops"],
         "dense_params": dense["params"], "pruned_params": pruned["params"],
         "dense_seconds": dense["train_seconds"], "pruned_seconds": pruned["train_seconds"],
+        "dense_epoch_seconds": dense["median_epoch_seconds"], "pruned_epoch_seconds": pruned["median_epoch_seconds"],
         "reconfigurations": pruned["reconfigurations"],
     }
 
 
 def markdown(rows: list[dict], schedule: str, machine: str) -> str:
     out = [f"Schedule: {schedule}. Machine: {machine}.", "",
-           "| model | dense top-1 | PruneTrain top-1 | training FLOPs (of dense) | inference FLOPs/img dense -> pruned "
-           "| params dense -> pruned | wall dense / PruneTrain | reconfigs |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+           "| model | penalty ratio | dense top-1 | PruneTrain top-1 | training FLOPs (of dense) "
+           "| inference FLOPs/img dense -> pruned | params dense -> pruned | wall dense / PruneTrain "
+           "| median epoch dense / PruneTrain | reconfigs |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         out.append(
-            f"| {r['model']} | {r['dense_acc']:.2%} | {r['prunetrain_acc']:.2%} | {r['train_flops_share']:.1%} "
+            f"| {r['model']} | {r['penalty_ratio']:g} | {r['dense_acc']:.2%} | {r['prunetrain_acc']:.2%} "
+            f"| {r['train_flops_share']:.1%} "
             f"| {r['dense_flops'] / 1e6:.1f}M -> {r['pruned_flops'] / 1e6:.1f}M ({r['pruned_flops'] / r['dense_flops']:.1%}) "
             f"| {r['dense_params'] / 1e6:.3f}M -> {r['pruned_params'] / 1e6:.3f}M ({r['pruned_params'] / r['dense_params']:.1%}) "
             f"| {r['dense_seconds']:.0f} s / {r['pruned_seconds']:.0f} s ({r['pruned_seconds'] / r['dense_seconds']:.2f}) "
+            f"| {r['dense_epoch_seconds']:.0f} s / {r['pruned_epoch_seconds']:.0f} s "
+            f"({r['pruned_epoch_seconds'] / r['dense_epoch_seconds']:.2f}) "
             f"| {r['reconfigurations']} |")
     notes = [PAPER[m] for m in {parse_spec(r["model"]).name for r in rows} if m in PAPER]
     return "\n".join(out + ([""] + [f"For reference, {n}." for n in notes] if notes else [])) + "\n"
@@ -84,7 +95,7 @@ def machine_line(device: str) -> str:
     if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
         name = torch.cuda.get_device_name()
     else:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "CPU")
+        cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name")), "CPU")
         name = f"{cpu}, {torch.get_num_threads()} threads"
     return f"{name}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
 
@@ -98,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--schedule", choices=("step", "cosine"), default="step")
     p.add_argument("--reconfig-every", type=int, default=2)
-    p.add_argument("--penalty-ratio", type=float, default=0.8)
+    p.add_argument("--penalty-ratio", default="0.9", help="comma-separated: one PruneTrain run per ratio")
     p.add_argument("--threshold", type=float, default=1e-4)
     p.add_argument("--round-to", type=int, default=None, help="default: 8 on CUDA, 1 on the CPU")
     p.add_argument("--prox-every", type=int, default=1)
@@ -113,6 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     if not set(args.modes.split(",")) <= {"dense", "prunetrain"}:
         print(f"error: --modes takes dense and/or prunetrain, not {args.modes}")
         return 2
+    try:
+        ratios = [float(r) for r in args.penalty_ratio.split(",")]
+    except ValueError:
+        print(f"error: --penalty-ratio takes comma-separated numbers in [0, 1), not {args.penalty_ratio}")
+        return 2
     data_path = args.data.partition(":")[2]
     if args.data.startswith("cifar10-npz:") and not Path(data_path).exists():
         print(f"error: {data_path} is not there; this benchmark needs the CIFAR-10 npz (see ../shared/data/README.md)")
@@ -124,18 +140,22 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for spec in args.models.split(","):
         cfg = TrainConfig(model=spec, data=args.data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                          schedule=args.schedule, reconfig_every=args.reconfig_every, penalty_ratio=args.penalty_ratio,
+                          schedule=args.schedule, reconfig_every=args.reconfig_every,
                           threshold=args.threshold, round_to=args.round_to, prox_every=args.prox_every, steps_per_epoch=args.steps_per_epoch,
                           device=args.device, workers=args.workers,
                           seed=args.seed, tensorboard=False)
         name = parse_spec(spec).name
+        runs = [("dense", None, f"{name}-dense")] if "dense" in args.modes else []
+        if "prunetrain" in args.modes:
+            runs += [("prunetrain", r, f"{name}-prunetrain-p{r:g}") for r in ratios]
         results = {}
-        for mode in args.modes.split(","):
-            run_cfg = TrainConfig(**{**cfg.__dict__, "dense": mode == "dense", "run_dir": str(out / f"{name}-{mode}")})
-            results[mode] = run_one(run_cfg, out / f"{name}-{mode}")
-        if len(results) < 2:
+        for mode, ratio, folder in runs:
+            run_cfg = dataclasses.replace(cfg, dense=mode == "dense", penalty_ratio=ratio or cfg.penalty_ratio,
+                                          run_dir=str(out / folder))
+            results[ratio] = run_one(run_cfg, out / folder)
+        if None not in results or len(results) < 2:
             continue
-        rows.append(row(spec, results["dense"], results["prunetrain"]))
+        rows += [row(spec, r, results[None], results[r]) for r in ratios]
         table = markdown(rows, schedule_text(cfg, args), machine_line(args.device))
         (out / "table.md").write_text(table)
         (out / "table.json").write_text(json.dumps({"schedule": schedule_text(cfg, args), "rows": rows}, indent=1))

@@ -175,7 +175,7 @@ def cifar(out: Path, data: str, work: Path, device: str, deadline: float, scale:
             os.killpg(p.pid, signal.SIGTERM)
             p.wait(30)
         name = model.split(":")[1]
-        run_dir = work / tag / f"{name}-{mode}"
+        run_dir = work / tag / (f"{name}-dense" if mode == "dense" else f"{name}-prunetrain-p{ratio[0]:g}")
         eps = _epochs(run_dir)
         summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else None
         res["runs"][tag] = {
@@ -188,7 +188,7 @@ def cifar(out: Path, data: str, work: Path, device: str, deadline: float, scale:
         dense = res["runs"].get(f"{r['model'].split(':')[1]}-dense")
         if r["mode"] == "prunetrain" and r["summary"] and dense and dense["summary"]:
             ratio, prox = r["penalty_ratio"]
-            rows.append({**row(f"{r['model']} (ratio {ratio}, prox every {prox})", dense["summary"], r["summary"]),
+            rows.append({**row(f"{r['model']} (prox every {prox})", ratio, dense["summary"], r["summary"]),
                          "epochs": r["epochs_planned"]})
     res["rows"] = rows
     return res
