@@ -258,3 +258,19 @@ def test_out_of_memory_on_first_batch_names_the_flag(capsys, tmp_path, monkeypat
 def test_user_error_from_config():
     with pytest.raises(UserError):
         TrainConfig(model="x", round_to=0).check()
+
+
+def test_a_run_that_removed_almost_nothing_says_to_raise_the_penalty(tmp_path):
+    from io import StringIO
+
+    from rich.console import Console
+
+    out = StringIO()
+    train(_cfg(tmp_path, epochs=1, penalty_ratio=0.0, threshold=1e-4), console=Console(file=out, width=300))
+    assert "raise --penalty-ratio" in out.getvalue() and "removed only 0%" in out.getvalue()
+    out = StringIO()
+    train(_cfg(tmp_path, epochs=1, dense=True, run_dir=str(tmp_path / "dense")), console=Console(file=out, width=300))
+    assert "--penalty-ratio" not in out.getvalue()
+    cfg = _cfg(tmp_path)
+    assert loop_module.weak_penalty_hint(cfg, {"mode": "prunetrain", "flops": 50, "dense_flops": 100}) is None
+    assert "95%" not in loop_module.weak_penalty_hint(cfg, {"mode": "prunetrain", "flops": 95, "dense_flops": 100})
