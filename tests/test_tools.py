@@ -30,6 +30,7 @@ def test_cifar_table_runs_both_modes_and_reuses_finished_runs(tmp_path, capsys):
     table = json.loads((tmp_path / "table.json").read_text())
     assert [r["penalty_ratio"] for r in table["rows"]] == [0.5, 0.9]
     assert all(r["dense_acc"] is not None and r["dense_epoch_seconds"] > 0 for r in table["rows"])
+    assert all(0 < r["final_step_time_share"] < 10 for r in table["rows"])
     assert sorted(d.name for d in tmp_path.iterdir() if d.is_dir()) == [
         "small_resnet-dense", "small_resnet-prunetrain-p0.5", "small_resnet-prunetrain-p0.9"]
     assert "| toy_models:small_resnet | 0.9 |" in (tmp_path / "table.md").read_text()

@@ -24,9 +24,11 @@ from pathlib import Path
 
 import torch
 
+from bench_step import step_timer
 from ptgraph.specs import parse_spec
+from ptgraph.trainers import checkpoint
 from ptgraph.trainers.config import TrainConfig
-from ptgraph.trainers.loop import train
+from ptgraph.trainers.loop import logits, train
 
 DEFAULT_DATA = "cifar10-npz:../shared/data/cifar10-jpeg.npz"
 PAPER = {"resnet32": "paper (182 epochs): 53% fewer training FLOPs, 66% fewer inference FLOPs, 91.8% top-1"}
@@ -52,6 +54,25 @@ def run_one(cfg: TrainConfig, run_dir: Path) -> dict:
     return summary
 
 
+def final_step_times(run_dirs: dict, batch: int, steps: int, device: str, rounds: int = 3) -> dict:
+    """Median training-step time of every run's final model, timed interleaved on this machine now:
+    the runs themselves may have shared the machine with different loads, so their wall times are
+    not comparable; this is."""
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
+    timers = {}
+    for key, run_dir in run_dirs.items():
+        model, shape = checkpoint.rebuild(checkpoint.load(run_dir / "checkpoint.pt"))
+        with torch.no_grad():
+            classes = logits(model(torch.randn(shape))).shape[1]
+        timers[key] = step_timer(model.train(), batch, shape[-1], dev, classes)
+        timers[key](1)  # warm-up
+    times = {key: [] for key in timers}
+    for _ in range(rounds):
+        for key, timer in timers.items():
+            times[key].append(timer(steps))
+    return {key: statistics.median(t) for key, t in times.items()}
+
+
 def schedule_text(cfg: TrainConfig, args: argparse.Namespace) -> str:
     lr = "cosine" if cfg.schedule == "cosine" else "x0.1 at 50%/75%"
     return (f"{cfg.epochs} epochs, batch {cfg.batch_size or 128}, lr {cfg.lr if cfg.lr is not None else 0.1:g} ({lr}), "
@@ -59,8 +80,9 @@ def schedule_text(cfg: TrainConfig, args: argparse.Namespace) -> str:
             f"threshold {cfg.threshold:g}, round-to {cfg.round_to or 'auto (8 on CUDA, 1 on CPU)'}, proximal step every {cfg.prox_every} steps")
 
 
-def row(name: str, ratio: float, dense: dict, pruned: dict) -> dict:
+def row(name: str, ratio: float, dense: dict, pruned: dict, step_ratio: float | None = None) -> dict:
     return {
+        "final_step_time_share": step_ratio,
         "model": name, "penalty_ratio": ratio, "dense_acc": dense["val_acc"], "prunetrain_acc": pruned["val_acc"],
         "train_flops_share": pruned["train_flops_share"],
         "dense_flops": dense["flops"], "pruned_flops": pruned["flops"],
@@ -75,8 +97,8 @@ def markdown(rows: list[dict], schedule: str, machine: str) -> str:
     out = [f"Schedule: {schedule}. Machine: {machine}.", "",
            "| model | penalty ratio | dense top-1 | PruneTrain top-1 | training FLOPs (of dense) "
            "| inference FLOPs/img dense -> pruned | params dense -> pruned | wall dense / PruneTrain "
-           "| median epoch dense / PruneTrain | reconfigs |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+           "| median epoch dense / PruneTrain | final model's step time (of dense) | reconfigs |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         out.append(
             f"| {r['model']} | {r['penalty_ratio']:g} | {r['dense_acc']:.2%} | {r['prunetrain_acc']:.2%} "
@@ -86,6 +108,7 @@ def markdown(rows: list[dict], schedule: str, machine: str) -> str:
             f"| {r['dense_seconds']:.0f} s / {r['pruned_seconds']:.0f} s ({r['pruned_seconds'] / r['dense_seconds']:.2f}) "
             f"| {r['dense_epoch_seconds']:.0f} s / {r['pruned_epoch_seconds']:.0f} s "
             f"({r['pruned_epoch_seconds'] / r['dense_epoch_seconds']:.2f}) "
+            f"| {'-' if r.get('final_step_time_share') is None else format(r['final_step_time_share'], '.1%')} "
             f"| {r['reconfigurations']} |")
     notes = [PAPER[m] for m in {parse_spec(r["model"]).name for r in rows} if m in PAPER]
     return "\n".join(out + ([""] + [f"For reference, {n}." for n in notes] if notes else [])) + "\n"
@@ -118,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--time-steps", type=int, default=10,
+                   help="time this many training steps of every final model, interleaved (0: skip)")
     p.add_argument("--modes", default="dense,prunetrain", help="which runs to make (one alone: for running them in parallel)")
     p.add_argument("--out", default="runs/cifar_table")
     args = p.parse_args(argv)
@@ -155,7 +180,11 @@ def main(argv: list[str] | None = None) -> int:
             results[ratio] = run_one(run_cfg, out / folder)
         if None not in results or len(results) < 2:
             continue
-        rows += [row(spec, r, results[None], results[r]) for r in ratios]
+        step = {}
+        if args.time_steps:
+            step = final_step_times({r: out / f"{name}-dense" if r is None else out / f"{name}-prunetrain-p{r:g}"
+                                     for r in [None, *ratios]}, args.batch_size, args.time_steps, args.device)
+        rows += [row(spec, r, results[None], results[r], step[r] / step[None] if step else None) for r in ratios]
         table = markdown(rows, schedule_text(cfg, args), machine_line(args.device))
         (out / "table.md").write_text(table)
         (out / "table.json").write_text(json.dumps({"schedule": schedule_text(cfg, args), "rows": rows}, indent=1))
