@@ -388,4 +388,4 @@ def weak_penalty_hint(cfg: TrainConfig, summary: dict[str, Any]) -> str | None:
     removed = 1 - summary["flops"] / summary["dense_flops"]
     return (f"note: PruneTrain removed only {removed:.0%} of the FLOPs: penalty ratio {cfg.penalty_ratio:g} was too weak "
             f"for {cfg.epochs} epochs at lr {cfg.lr:g}; raise --penalty-ratio (docs/BENCHMARKS.md section 1: on "
-            f"CIFAR-10 in 10 epochs, 0.8 removed 3%, 0.9 about half, 0.95 nine tenths)")
+            f"CIFAR-10 in 10 epochs ResNet-20 lost 4% at 0.8, 62% at 0.9, 92% at 0.95)")
