@@ -231,6 +231,9 @@ def _train_parser(sub) -> None:
                    help="proximal: group soft-thresholding after each step (exact zeros); subgradient: penalty in the loss")
     p.add_argument("--prox-every", type=int, default=1,
                    help="proximal thresholding every N steps, with N steps' strength (fewer kernels on GPUs)")
+    p.add_argument("--target-flops", type=float, default=None,
+                   help="stop pruning at this share of the dense FLOPs (e.g. 0.5): the plan that would go below it is "
+                        "capped there and the lasso switched off (default: no target)")
     p.add_argument("--reconfig-every", type=int, default=10, help="epochs between reconfigurations")
     p.add_argument("--reconfig-steps", type=int, default=None, help="steps between reconfigurations, overriding --reconfig-every (default: off)")
     p.add_argument("--steps-per-epoch", type=int, default=None, help="cap on steps per epoch, for short runs (default: no cap)")

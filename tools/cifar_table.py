@@ -83,7 +83,7 @@ def schedule_text(cfg: TrainConfig, args: argparse.Namespace) -> str:
 
 def row(name: str, ratio: float, dense: dict, pruned: dict, step_ratio: float | None = None) -> dict:
     return {
-        "model": name, "penalty_ratio": ratio, "dense_acc": dense["val_acc"], "prunetrain_acc": pruned["val_acc"],
+        "model": name, "penalty_ratio": ratio, "target_flops": pruned.get("target_flops"), "dense_acc": dense["val_acc"], "prunetrain_acc": pruned["val_acc"],
         "train_flops_share": pruned["train_flops_share"],
         "dense_flops": dense["flops"], "pruned_flops": pruned["flops"],
         "dense_params": dense["params"], "pruned_params": pruned["params"],
@@ -95,13 +95,13 @@ def row(name: str, ratio: float, dense: dict, pruned: dict, step_ratio: float | 
 
 def markdown(rows: list[dict], schedule: str, machine: str) -> str:
     out = [f"Schedule: {schedule}. Machine: {machine}.", "",
-           "| model | penalty ratio | dense top-1 | PruneTrain top-1 | training FLOPs (of dense) "
+           "| model | penalty ratio (FLOPs target) | dense top-1 | PruneTrain top-1 | training FLOPs (of dense) "
            "| inference FLOPs/img dense -> pruned | params dense -> pruned | wall dense / PruneTrain "
            "| median epoch dense / PruneTrain | final model's step time (of dense) | reconfigs |",
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         out.append(
-            f"| {r['model']} | {r['penalty_ratio']:g} | {r['dense_acc']:.2%} | {r['prunetrain_acc']:.2%} "
+            f"| {r['model']} | {r['penalty_ratio']:g}{', target ' + format(r['target_flops'], 'g') if r.get('target_flops') else ''} | {r['dense_acc']:.2%} | {r['prunetrain_acc']:.2%} "
             f"| {r['train_flops_share']:.1%} "
             f"| {r['dense_flops'] / 1e6:.1f}M -> {r['pruned_flops'] / 1e6:.1f}M ({r['pruned_flops'] / r['dense_flops']:.1%}) "
             f"| {r['dense_params'] / 1e6:.3f}M -> {r['pruned_params'] / 1e6:.3f}M ({r['pruned_params'] / r['dense_params']:.1%}) "
@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reconfig-every", type=int, default=2)
     p.add_argument("--penalty-ratio", default="0.9", help="comma-separated: one PruneTrain run per ratio")
     p.add_argument("--threshold", type=float, default=1e-4)
+    p.add_argument("--target-flops", type=float, default=None, help="PruneTrain runs stop pruning at this share of dense FLOPs")
     p.add_argument("--round-to", type=int, default=None, help="default: 8 on CUDA, 1 on the CPU")
     p.add_argument("--prox-every", type=int, default=1)
     p.add_argument("--steps-per-epoch", type=int, default=None, help="cap, for smoke runs")
@@ -166,13 +167,14 @@ def main(argv: list[str] | None = None) -> int:
     for spec in args.models.split(","):
         cfg = TrainConfig(model=spec, data=args.data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                           schedule=args.schedule, reconfig_every=args.reconfig_every,
-                          threshold=args.threshold, round_to=args.round_to, prox_every=args.prox_every, steps_per_epoch=args.steps_per_epoch,
+                          threshold=args.threshold, target_flops=args.target_flops, round_to=args.round_to, prox_every=args.prox_every, steps_per_epoch=args.steps_per_epoch,
                           device=args.device, workers=args.workers,
                           seed=args.seed, tensorboard=False)
         name = parse_spec(spec).name
+        tag = f"-t{args.target_flops:g}" if args.target_flops else ""
         runs = [("dense", None, f"{name}-dense")] if "dense" in args.modes else []
         if "prunetrain" in args.modes:
-            runs += [("prunetrain", r, f"{name}-prunetrain-p{r:g}") for r in ratios]
+            runs += [("prunetrain", r, f"{name}-prunetrain-p{r:g}{tag}") for r in ratios]
         results = {}
         for mode, ratio, folder in runs:
             run_cfg = dataclasses.replace(cfg, dense=mode == "dense", penalty_ratio=ratio or cfg.penalty_ratio,
@@ -182,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         step = {}
         if args.time_steps:
-            step = final_step_times({r: out / f"{name}-dense" if r is None else out / f"{name}-prunetrain-p{r:g}"
+            step = final_step_times({r: out / f"{name}-dense" if r is None else out / f"{name}-prunetrain-p{r:g}{tag}"
                                      for r in [None, *ratios]}, args.batch_size, args.time_steps, args.device)
         rows += [row(spec, r, results[None], results[r], step[r] / step[None] if step else None) for r in ratios]
         table = markdown(rows, schedule_text(cfg, args), machine_line(args.device))

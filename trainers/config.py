@@ -21,6 +21,7 @@ class TrainConfig:
     threshold: float = 1e-4
     lasso: str = "proximal"  # proximal (group soft-thresholding) or subgradient (penalty in the loss)
     prox_every: int = 1  # steps between proximal thresholdings (each with the strength of all of them)
+    target_flops: float | None = None  # stop pruning at this share of the dense forward FLOPs
     reconfig_every: int = 10  # epochs
     reconfig_steps: int | None = None  # overrides reconfig_every
     steps_per_epoch: int | None = None
@@ -68,6 +69,8 @@ class TrainConfig:
             (self.steps_per_epoch is None or self.steps_per_epoch > 0, "--steps-per-epoch must be positive"),
             (self.round_to is None or self.round_to >= 1, "--round-to must be 1 or more"),
             (self.prox_every >= 1, "--prox-every must be 1 or more"),
+            (self.target_flops is None or 0 < self.target_flops < 1,
+             "--target-flops is the share of the dense FLOPs to keep, between 0 and 1, e.g. 0.5"),
             (self.schedule in ("step", "cosine"), "--schedule must be step or cosine"),
             (self.lasso in ("proximal", "subgradient"), "--lasso must be proximal or subgradient"),
             (self.amp in ("auto", "bf16", "fp16", "off"), "--amp must be auto, bf16, fp16 or off"),

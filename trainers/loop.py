@@ -91,7 +91,8 @@ class Run:
                             f"build it with num_classes={self.data.num_classes}")
         self.pt = PruneTrain(graph, example, None, penalty_ratio=cfg.penalty_ratio, threshold=cfg.threshold,
                              reconfig_steps=cfg.reconfig_steps, round_to=cfg.round_to,
-                             proximal=cfg.lasso == "proximal", exact_only=cfg.exact_only, prox_every=cfg.prox_every)
+                             proximal=cfg.lasso == "proximal", exact_only=cfg.exact_only, prox_every=cfg.prox_every,
+                             target_flops=cfg.target_flops)
         self.widths_before = self._widths()
         self.dense_flops = self.pt.dense_flops
         for plan_json in (resume or {}).get("plans", []):
@@ -216,6 +217,8 @@ class Run:
     def reconfigure(self, console) -> Reconfiguration | None:
         act_before = activation_elements(self.model)
         r = self.pt.reconfigure(self.dist.broadcast_plan(self.pt.plan() if self.dist.main else None))
+        if self.cfg.target_flops is not None:
+            self.pt.lam = self.dist.broadcast_object(self.pt.lam)  # rank 0 knows whether the plan hit the target
         if r is None:
             return None
         self.runner = self._compiled()
@@ -363,6 +366,7 @@ def _train(cfg: TrainConfig, resume_dir: str | None, console, d: Dist) -> dict[s
         log.close()
     summary = {
         "model": run.spec, "data": cfg.data, "mode": "dense" if cfg.dense else "prunetrain", "epochs": cfg.epochs,
+        "target_flops": cfg.target_flops,
         "val_acc": run.records[-1]["val_acc"] if run.records else None, "flops": run.pt.flops,
         "dense_flops": run.dense_flops, "params": count_params(run.model),
         "train_flops_share": run.train_flops / max(run.dense_train_flops, 1),
@@ -387,5 +391,6 @@ def weak_penalty_hint(cfg: TrainConfig, summary: dict[str, Any]) -> str | None:
         return None
     removed = 1 - summary["flops"] / summary["dense_flops"]
     return (f"note: PruneTrain removed only {removed:.0%} of the FLOPs: penalty ratio {cfg.penalty_ratio:g} was too weak "
-            f"for {cfg.epochs} epochs at lr {cfg.lr:g}; raise --penalty-ratio (docs/BENCHMARKS.md section 1: on "
+            f"for {cfg.epochs} epochs at lr {cfg.lr:g}; raise --penalty-ratio, or give a strong one with --target-flops "
+            f"(docs/BENCHMARKS.md section 1: on "
             f"CIFAR-10 in 10 epochs ResNet-20 lost 4% at 0.8, 62% at 0.9, 92% at 0.95)")

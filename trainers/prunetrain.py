@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass
@@ -43,11 +44,12 @@ def lasso_lambda(task_loss: float, lasso: float, ratio: float) -> float:
     return ratio * task_loss / (lasso * (1 - ratio)) if lasso > 0 else 0.0
 
 
-def keep_channels(norms: np.ndarray, threshold: float, round_to: int) -> np.ndarray:
-    """Indices to keep: norms at or over threshold, rounded up to a multiple of round_to (largest
-    norms win), never fewer than one rounding unit (or the whole group, if smaller)."""
+def keep_channels(norms: np.ndarray, threshold: float, round_to: int, extra: float = 0.0) -> np.ndarray:
+    """Indices to keep: norms at or over threshold, plus `extra` of the others, rounded up to a multiple
+    of round_to (largest norms win), never fewer than one rounding unit (or the whole group, if smaller)."""
     size = len(norms)
     n = int((norms >= threshold).sum())
+    n += math.ceil(extra * (size - n))
     unit = max(1, round_to)
     n = min(size, max(unit, math.ceil(n / unit) * unit))
     return np.sort(np.argsort(-norms, kind="stable")[:n])
@@ -69,6 +71,7 @@ class PruneTrain:
         proximal: bool = True,
         exact_only: bool = False,
         prox_every: int = 1,
+        target_flops: float | None = None,
         leaf_modules: Iterable[str | type] = (),
         ignore: Iterable[str] = (),
     ) -> None:
@@ -82,6 +85,8 @@ class PruneTrain:
         self.proximal = proximal
         self.exact_only = exact_only
         self.prox_every = prox_every
+        self.target_flops = target_flops  # share of the dense forward FLOPs at which pruning stops
+        self._capped = False
         self._pending = 0.0  # proximal strength (sum of lr * lambda) not applied yet
         self.lam: float | None = None
         self.steps = 0
@@ -152,22 +157,52 @@ class PruneTrain:
         norms = channel_sq_norms(self.index, self.model).sqrt().float().cpu().numpy()
         return {gid: norms[s] for gid, s in self.index.group_slices.items()}
 
+    @property
+    def target_reached(self) -> bool:
+        """With a FLOPs target: a plan was capped at it, so the lasso is off and nothing more is removed."""
+        return self.target_flops is not None and self.lam == 0.0
+
     def plan(self) -> PrunePlan:
         """The channels to keep: norm at or over the threshold (rounded as configured), after any pending
-        thresholding."""
+        thresholding; with a FLOPs target, never below it."""
         self.flush()
-        keep = {}
+        if self.target_reached:
+            return PrunePlan({})
         norms = self.channel_norms()
+        plan = self._plan(norms, 0.0)
+        if self.target_flops is None or not plan.keep or self.flops_after(plan) >= self.target_flops * self.dense_flops:
+            return plan
+        lo, hi = 0.0, 1.0  # share of the under-threshold channels put back: 1.0 keeps every channel
+        for _ in range(10):
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if self.flops_after(self._plan(norms, mid)) >= self.target_flops * self.dense_flops else (mid, hi)
+        self._capped = True
+        return self._plan(norms, hi)
+
+    def _plan(self, norms: dict[int, np.ndarray], restore: float) -> PrunePlan:
+        """The threshold plan with `restore` of each group's under-threshold channels kept after all
+        (largest norms first)."""
+        keep = {}
         for gid, n in norms.items():
-            kept = keep_channels(n, self.threshold, self.round_to)
+            kept = keep_channels(n, self.threshold, self.round_to, restore)
             if len(kept) < len(n):
                 keep[gid] = tuple(kept.tolist())
         return keep_every_tensor(self.analysis, PrunePlan(keep), norms)
+
+    def flops_after(self, plan: PrunePlan) -> int:
+        """Forward FLOPs per sample the model would have after `plan` (shrinks a copy; the model is untouched)."""
+        graph = copy.deepcopy(self.graph)
+        analysis = analyze_channels(graph)
+        assert [(g.id, g.size) for g in analysis.groups] == [(g.id, g.size) for g in self.analysis.groups]
+        shrink(analysis, plan, None)
+        return forward_flops(graph.module)
 
     def reconfigure(self, plan: PrunePlan | None = None) -> Reconfiguration | None:
         """Remove the channels under the threshold from model and optimizer, in place; None if none are."""
         start = time.perf_counter()
         plan = plan if plan is not None else self.plan()
+        if self._capped:
+            self.lam, self._capped = 0.0, False  # at the target: the rest of training is plain training
         if not plan.keep:
             return None
         before = self.flops
