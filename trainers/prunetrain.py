@@ -170,12 +170,15 @@ class PruneTrain:
             return PrunePlan({})
         norms = self.channel_norms()
         plan = self._plan(norms, 0.0)
-        if self.target_flops is None or not plan.keep or self.flops_after(plan) >= self.target_flops * self.dense_flops:
+        if self.target_flops is None or not plan.keep:
+            return plan
+        floor = self.target_flops * self.dense_flops
+        if self.flops_after(plan) >= floor:
             return plan
         lo, hi = 0.0, 1.0  # share of the under-threshold channels put back: 1.0 keeps every channel
         for _ in range(10):
             mid = (lo + hi) / 2
-            lo, hi = (lo, mid) if self.flops_after(self._plan(norms, mid)) >= self.target_flops * self.dense_flops else (mid, hi)
+            lo, hi = (lo, mid) if self.flops_after(self._plan(norms, mid)) >= floor else (mid, hi)
         self._capped = True
         return self._plan(norms, hi)
 
