@@ -38,3 +38,5 @@ def test_cifar_table_runs_both_modes_and_reuses_finished_runs(tmp_path, capsys):
     assert capsys.readouterr().out.count("reusing") == 3
     assert cifar_table.main(argv[:-2] + ["--modes", "sparse", "--out", str(tmp_path)]) == 2
     assert cifar_table.main(argv[:-4] + ["--penalty-ratio", "high", "--out", str(tmp_path)]) == 2
+    assert cifar_table.main(argv[:-4] + ["--penalty-ratio", "1.5", "--out", str(tmp_path)]) == 2
+    assert "--penalty-ratio must be in [0, 1)" in capsys.readouterr().out

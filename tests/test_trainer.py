@@ -274,6 +274,7 @@ def test_a_run_that_removed_almost_nothing_says_to_raise_the_penalty(tmp_path):
     cfg = _cfg(tmp_path)
     assert loop_module.weak_penalty_hint(cfg, {"mode": "prunetrain", "flops": 50, "dense_flops": 100}) is None
     assert "95%" not in loop_module.weak_penalty_hint(cfg, {"mode": "prunetrain", "flops": 95, "dense_flops": 100})
+    assert "removed only 5%" in loop_module.weak_penalty_hint(cfg, {"mode": "prunetrain", "flops": 95, "dense_flops": 100})
 
 
 @pytest.mark.parametrize("target", [0.3, 0.6])

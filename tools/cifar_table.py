@@ -26,9 +26,11 @@ from pathlib import Path
 import torch
 
 from bench_step import step_timer
+from ptgraph.errors import UserError
 from ptgraph.specs import parse_spec
 from ptgraph.trainers import checkpoint
 from ptgraph.trainers.config import TrainConfig
+from ptgraph.trainers.distributed import pick_device
 from ptgraph.trainers.loop import logits, train
 
 DEFAULT_DATA = "cifar10-npz:../shared/data/cifar10-jpeg.npz"
@@ -55,11 +57,18 @@ def run_one(cfg: TrainConfig, run_dir: Path) -> dict:
     return summary
 
 
+def run_folder(name: str, ratio: float | None, target_flops: float | None = None) -> str:
+    """A run's folder under --out: `<model>-dense`, or `<model>-prunetrain-p<ratio>[-t<target>]`."""
+    if ratio is None:
+        return f"{name}-dense"
+    return f"{name}-prunetrain-p{ratio:g}" + (f"-t{target_flops:g}" if target_flops else "")
+
+
 def final_step_times(run_dirs: dict, batch: int, steps: int, device: str, rounds: int = 3) -> dict:
     """Median training-step time of every run's final model, timed interleaved on this machine now:
     the runs themselves may have shared the machine with different loads, so their wall times are
     not comparable; this is."""
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
+    dev = pick_device(device)
     timers = {}
     for key, run_dir in run_dirs.items():
         model, shape = checkpoint.rebuild(checkpoint.load(run_dir / "checkpoint.pt"))
@@ -171,21 +180,24 @@ def main(argv: list[str] | None = None) -> int:
                           device=args.device, workers=args.workers,
                           seed=args.seed, tensorboard=False)
         name = parse_spec(spec).name
-        tag = f"-t{args.target_flops:g}" if args.target_flops else ""
-        runs = [("dense", None, f"{name}-dense")] if "dense" in args.modes else []
+        folders = {None: run_folder(name, None)} if "dense" in args.modes else {}
         if "prunetrain" in args.modes:
-            runs += [("prunetrain", r, f"{name}-prunetrain-p{r:g}{tag}") for r in ratios]
-        results = {}
-        for mode, ratio, folder in runs:
-            run_cfg = dataclasses.replace(cfg, dense=mode == "dense", penalty_ratio=ratio or cfg.penalty_ratio,
-                                          run_dir=str(out / folder))
-            results[ratio] = run_one(run_cfg, out / folder)
+            folders.update({r: run_folder(name, r, args.target_flops) for r in ratios})
+        try:
+            for r in folders:
+                dataclasses.replace(cfg, penalty_ratio=cfg.penalty_ratio if r is None else r).check()
+        except UserError as e:
+            print(f"error: {e}")
+            return 2
+        results = {r: run_one(dataclasses.replace(cfg, dense=r is None, run_dir=str(out / folder),
+                                                  penalty_ratio=cfg.penalty_ratio if r is None else r), out / folder)
+                   for r, folder in folders.items()}
         if None not in results or len(results) < 2:
             continue
         step = {}
         if args.time_steps:
-            step = final_step_times({r: out / f"{name}-dense" if r is None else out / f"{name}-prunetrain-p{r:g}{tag}"
-                                     for r in [None, *ratios]}, args.batch_size, args.time_steps, args.device)
+            step = final_step_times({r: out / folder for r, folder in folders.items()}, args.batch_size,
+                                    args.time_steps, args.device)
         rows += [row(spec, r, results[None], results[r], step[r] / step[None] if step else None) for r in ratios]
         table = markdown(rows, schedule_text(cfg, args), machine_line(args.device))
         (out / "table.md").write_text(table)

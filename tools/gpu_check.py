@@ -30,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 
-from cifar_table import markdown, row  # noqa: E402
+from cifar_table import markdown, row, run_folder  # noqa: E402
 
 SHRINK_MODELS = ["resnet50", "mobilenet_v3_small", "densenet121", "efficientnet_b0", "regnet_x_400mf", "vit_b_16",
                  "convnext_tiny"]
@@ -181,7 +181,7 @@ def cifar(out: Path, data: str, work: Path, device: str, deadline: float, scale:
             os.killpg(p.pid, signal.SIGTERM)
             p.wait(30)
         name = model.split(":")[1]
-        run_dir = work / tag / (f"{name}-dense" if mode == "dense" else f"{name}-prunetrain-p{ratio[0]:g}")
+        run_dir = work / tag / run_folder(name, None if mode == "dense" else ratio[0])
         eps = _epochs(run_dir)
         summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else None
         res["runs"][tag] = {
