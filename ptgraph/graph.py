@@ -8,6 +8,7 @@ from typing import Any, Iterable
 import networkx as nx
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from ptgraph.errors import UserError
@@ -21,6 +22,13 @@ _MODE_DEPENDENT = ("torchvision.ops.stochastic_depth.StochasticDepth",)
 
 def _qualname(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _leaf_classes() -> set[str]:
+    """Classes the rule table understands as a whole (passes/rules: leaf_rule); imported late (cycle)."""
+    from ptgraph.passes.rules import LEAF_CLASSES
+
+    return LEAF_CLASSES
 
 
 class _FallbackTracer(fx.Tracer):
@@ -41,7 +49,7 @@ class _FallbackTracer(fx.Tracer):
             return True
         if self.leaf_types and isinstance(m, self.leaf_types):
             return True
-        if _qualname(type(m)) in _MODE_DEPENDENT:
+        if _qualname(type(m)) in _MODE_DEPENDENT or _qualname(type(m)) in _leaf_classes():
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -64,6 +72,38 @@ class _FallbackTracer(fx.Tracer):
                 return self.create_proxy("call_module", qualname, a, k)
 
         return super().call_module(m, guarded, args, kwargs)
+
+
+_DROPOUT_MODULES = {F.dropout: nn.Dropout, F.dropout1d: nn.Dropout1d, F.dropout2d: nn.Dropout2d,
+                    F.dropout3d: nn.Dropout3d, F.alpha_dropout: nn.AlphaDropout,
+                    F.feature_alpha_dropout: nn.FeatureAlphaDropout}
+
+
+def _unbake_dropout(gm: fx.GraphModule) -> int:
+    """`F.dropout(x, p, training=self.training)` traces to a literal True: dropout that stays on in
+    eval. Each such call becomes an nn.Dropout submodule of the graph module, which follows
+    .train()/.eval() like the code it came from. Returns how many were replaced."""
+    n = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in _DROPOUT_MODULES:
+            continue
+        args = dict(zip(("input", "p", "training", "inplace"), node.args), **node.kwargs)
+        p, training = args.get("p", 0.5), args.get("training")
+        if training is not True or not isinstance(p, (int, float)) or isinstance(p, bool):
+            continue  # no `training` given: the caller wants dropout in both modes
+        name = f"_ptgraph_dropout{n}"
+        while hasattr(gm, name):
+            n += 1
+            name = f"_ptgraph_dropout{n}"
+        gm.add_submodule(name, _DROPOUT_MODULES[node.target](p).train(gm.training))
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_module(name, (args["input"],))
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        n += 1
+    if n:
+        gm.recompile()
+    return n
 
 
 def _nodes_after(graph: fx.Graph, last: fx.Node) -> list[fx.Node]:
@@ -134,6 +174,7 @@ def trace(
         ) from e
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     gm.training = model.training
+    _unbake_dropout(gm)
     for name, reason in tracer.fallbacks.items():
         warnings.warn(f"ptgraph: traced '{name}' as a leaf, its channels are frozen ({reason})", stacklevel=2)
     try:

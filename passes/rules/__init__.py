@@ -3,6 +3,13 @@
 Keys: a function (torch.cat, F.conv2d, operator.add), a Tensor method name ("view"), or an
 nn.Module class (nn.Conv2d). A module subclass uses its parent's rule only if it keeps the
 parent's forward. Nodes with no rule freeze every channel they touch.
+
+`leaf_rule("pkg.mod.Class")` registers a rule for a module class of an optional library (timm)
+by its qualified name, without importing it, and makes the tracer keep instances of exactly
+that class as single nodes: for modules whose traced body would be wrong or opaque, such as a
+forward that reads `self.training` (traced, the mode would be baked into the graph: stochastic
+depth that stays on in eval, a BatchNorm that keeps using batch statistics) or one that
+transforms its own weight before use (weight standardisation).
 """
 from __future__ import annotations
 
@@ -14,6 +21,11 @@ from torch import nn
 from ptgraph.passes.flow import Rule
 
 RULES: dict[Any, Rule] = {}
+LEAF_CLASSES: set[str] = set()  # qualified class names the tracer keeps as single nodes
+
+
+def qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def rule(*targets: Any) -> Callable[[Rule], Rule]:
@@ -25,9 +37,23 @@ def rule(*targets: Any) -> Callable[[Rule], Rule]:
     return register
 
 
+def leaf_rule(*qualnames: str) -> Callable[[Rule], Rule]:
+    """A rule for module classes named by qualified name; the tracer keeps them as single nodes."""
+    def register(fn: Rule) -> Rule:
+        for q in qualnames:
+            RULES[q] = fn
+            LEAF_CLASSES.add(q)
+        return fn
+
+    return register
+
+
 def lookup(node: fx.Node, module: nn.Module | None) -> Rule | None:
     if node.op == "call_module":
         assert module is not None
+        by_name = RULES.get(qualname(type(module)))  # exact class only: a subclass may change forward
+        if by_name is not None:
+            return by_name
         for cls in type(module).__mro__:
             if cls in RULES and type(module).forward is cls.forward:
                 return RULES[cls]

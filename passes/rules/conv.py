@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptgraph.passes.flow import Context, Counter, NodeType, freeze_everything, set_arg
-from ptgraph.passes.rules import rule
+from ptgraph.passes.rules import leaf_rule, rule
 
 
 def conv_types(ctx: Context, x: object, weight: str, bias: str | None, w_shape: tuple, groups: int,
@@ -51,6 +51,10 @@ _CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTra
 
 @rule(*_CONV_MODULES)
 def conv_module(ctx: Context) -> NodeType:
+    return _conv_module(ctx)[0]
+
+
+def _conv_module(ctx: Context) -> tuple[NodeType, np.ndarray | None]:
     m = ctx.module
     transposed = isinstance(m, nn.modules.conv._ConvTransposeNd)
     out_type, x_ids, out = conv_types(
@@ -68,6 +72,27 @@ def conv_module(ctx: Context) -> NodeType:
             m.out_channels, m.in_channels = w.shape[0], w.shape[1] * m.groups
 
     ctx.on_shrink(fix)
+    return out_type, x_ids
+
+
+# Weight-standardised convs (timm's StdConv2d, ScaledStdConv2d for BiT, NFNet): the forward
+# standardises each output channel's weights over (in/groups, *k) with F.batch_norm, then convolves.
+# Kept whole (leaf_rule): per output channel the standardisation is its own, so output channels
+# are exact; with groups == 1 the statistics run over all input channels, so removing one changes
+# every output (inexact); with groups > 1 an input block goes with its outputs and stays exact.
+# The forward reads self.out_channels, which the conv fix keeps current; ScaledStdConv2d's gain
+# (out, 1, 1, 1) is bound to the outputs; its fan-in scale is a float set at construction and is
+# not recomputed (inexact inputs only).
+@leaf_rule("timm.layers.std_conv.StdConv2d", "timm.layers.std_conv.StdConv2dSame",
+           "timm.layers.std_conv.ScaledStdConv2d", "timm.layers.std_conv.ScaledStdConv2dSame")
+def std_conv(ctx: Context) -> NodeType:
+    m = ctx.module
+    out_type, x_ids = _conv_module(ctx)
+    gain = getattr(m, "gain", None)
+    if isinstance(gain, nn.Parameter):
+        ctx.bind(ctx.param_name("gain"), 0, ctx.param_axis(ctx.param_name("weight"), 0, m.weight.shape[0]))
+    if x_ids is not None and m.groups == 1:
+        ctx.inexact(x_ids, f"weight standardisation over input channels ({ctx.node.name})")
     return out_type
 
 

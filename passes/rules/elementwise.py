@@ -10,7 +10,7 @@ from torch import nn
 
 from ptgraph.channels import TensorType
 from ptgraph.passes.flow import Context, NodeType, freeze_everything
-from ptgraph.passes.rules import rule
+from ptgraph.passes.rules import leaf_rule, rule
 
 UNARY_FUNCTIONS = [
     torch.relu, torch.relu_, F.relu, F.relu_, F.relu6, F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid,
@@ -32,6 +32,12 @@ UNARY_MODULES = [
 ]
 
 
+# Stochastic depth of optional libraries: its forward reads self.training (kept whole, see leaf_rule);
+# a per-sample mask, channel by channel the identity in eval.
+MODE_DEPENDENT_UNARY = ["timm.layers.drop.DropPath"]
+
+
+@leaf_rule(*MODE_DEPENDENT_UNARY)
 @rule(*UNARY_FUNCTIONS, *UNARY_METHODS, *UNARY_MODULES)
 def unary(ctx: Context) -> NodeType:
     first = ctx.arg(0, "input")

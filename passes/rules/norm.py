@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptgraph.passes.flow import Context, Counter, NodeType, freeze_everything, set_arg
-from ptgraph.passes.rules import rule
+from ptgraph.passes.rules import RULES, leaf_rule, rule
 
 _PER_CHANNEL = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
                 nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
@@ -154,3 +154,19 @@ def local_response_norm(ctx: Context) -> NodeType:
         ctx.inexact(t[1], f"LocalResponseNorm mixes neighbouring channels ({ctx.node.name})")
         ctx.freeze(t[1], f"LocalResponseNorm mixes neighbouring channels ({ctx.node.name})")
     return t
+
+
+@leaf_rule("timm.layers.norm_act.BatchNormAct2d", "timm.layers.norm_act.SyncBatchNormAct")
+def batch_norm_act(ctx: Context) -> NodeType:
+    """timm's BatchNorm + dropout + activation in one module. Its forward reads self.training
+    (traced, every BatchNorm would keep using batch statistics in eval), so it stays one node:
+    a BatchNorm followed by its `drop` and `act` submodules, which must be elementwise."""
+    from ptgraph.passes.rules.elementwise import unary
+
+    m = ctx.module
+    for part in ("drop", "act"):
+        sub = getattr(m, part, None)
+        if sub is not None and RULES.get(type(sub)) is not unary:
+            return freeze_everything(ctx, f"{type(sub).__name__} inside BatchNormAct '{ctx.node.target}' "
+                                          "is not a known elementwise op")
+    return batch_norm_module(ctx)

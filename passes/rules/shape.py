@@ -98,6 +98,19 @@ def view(ctx: Context) -> NodeType:
     return t
 
 
+@rule("reshape_as", "view_as")
+def reshape_as(ctx: Context) -> NodeType:
+    """x.reshape_as(other): the sizes come from `other` at run time, so the output's channels must be
+    other's channels axis by axis (unified), and an axis only one of them tracks keeps its size."""
+    from ptgraph.passes.rules.elementwise import unify_aligned
+
+    x, other = ctx.arg(0, "input"), ctx.arg(1, "other")
+    if ctx.shape_of(other) != ctx.out_shape or ctx.shape_of(x) is None:
+        return freeze_everything(ctx)
+    t = reshape_type(ctx, ctx.type_of(x), ctx.shape_of(x), ctx.out_shape)
+    return unify_aligned(ctx, [(t, ctx.out_shape), (dict(ctx.type_of(other)), ctx.out_shape)], ctx.out_shape)
+
+
 @rule(torch.flatten, "flatten", nn.Flatten, nn.Unflatten, "unflatten", torch.squeeze, "squeeze", torch.unsqueeze,
       "unsqueeze", torch.atleast_2d)
 def reshape_by_shapes(ctx: Context) -> NodeType:

@@ -107,6 +107,8 @@ def narrow(ctx: Context) -> NodeType:
 def getitem(ctx: Context) -> NodeType:
     src, index = ctx.arg(0), ctx.arg(1)
     st = ctx.flow.types.get(src) if isinstance(src, fx.Node) else None
+    if st is None and isinstance(src, fx.Node) and src.op == "get_attr":
+        st = ctx.type_of(src)  # a tensor attribute indexed directly (typed on first use)
     if isinstance(st, tuple):
         return st[index] if isinstance(index, int) else freeze_everything(ctx)
     if not isinstance(st, dict):
@@ -117,7 +119,10 @@ def getitem(ctx: Context) -> NodeType:
 def _index_tensor(ctx: Context, src: fx.Node, t: TensorType, index: object) -> NodeType:
     idx = index if isinstance(index, tuple) else (index,)
     nd = len(ctx.shape_of(src))
-    if any(isinstance(i, (fx.Node, list, torch.Tensor)) for i in idx) or sum(i is Ellipsis for i in idx) > 1:
+    advanced = [p for p, i in enumerate(idx) if isinstance(i, (fx.Node, list, torch.Tensor))]
+    if len(advanced) == 1 and isinstance(idx[advanced[0]], fx.Node) and Ellipsis not in idx:
+        return _gather(ctx, src, t, idx, advanced[0])
+    if advanced or sum(i is Ellipsis for i in idx) > 1:
         return freeze_everything(ctx, f"advanced indexing ({ctx.node.name})")
     n_real = sum(i is not None and i is not Ellipsis for i in idx)
     out: TensorType = {}
@@ -162,3 +167,20 @@ def _index_tensor(ctx: Context, src: fx.Node, t: TensorType, index: object) -> N
 
         ctx.rewrite(fix)
     return out
+
+
+def _gather(ctx: Context, src: fx.Node, t: TensorType, idx: tuple, pos: int) -> NodeType:
+    """x[:, index_tensor] with one tensor index among full slices (an attention-bias table read
+    through a table of positions): the indexed axis is replaced by the index's axes, whose values
+    pick positions, so channels on the indexed axis are frozen; the other axes pass through."""
+    index = idx[pos]
+    ishape = ctx.shape_of(index)
+    if ishape is None or any(not (isinstance(i, slice) and i == slice(None)) for p, i in enumerate(idx) if p != pos):
+        return freeze_everything(ctx, f"advanced indexing ({ctx.node.name})")
+    index_type = ctx.flow.types.get(index)  # an index buffer is not typed: its axes hold no channels
+    if isinstance(index_type, dict):
+        ctx.freeze(index_type, f"{ctx.node.name} uses a tensor as indices")
+    if pos in t:
+        ctx.freeze(t[pos], f"{ctx.node.name} gathers along a channel axis")
+    shift = len(ishape) - 1
+    return {a if a < pos else a + shift: ids for a, ids in t.items() if a != pos}
