@@ -45,10 +45,10 @@ def node_flops(gm: fx.GraphModule, node: fx.Node) -> int:
             return 2 * tokens * e * 4 * e + 4 * tokens * length * e
     if node.op == "call_function":
         if node.target in (F.conv1d, F.conv2d, F.conv3d, F.linear):
-            w = _shape(node.args[1]) or (0,)
+            w = _shape(node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")) or (0,)
             return 2 * _numel(out) * math.prod(w[1:])
         if node.target in (torch.matmul, operator.matmul, torch.bmm):
-            a = _shape(node.args[0]) or (0,)
+            a = _shape(node.args[0] if node.args else node.kwargs.get("input")) or (0,)
             return 2 * _numel(out) * a[-1]
         if node.target is F.scaled_dot_product_attention:
             q, k = _shape(node.args[0]) or (0,), _shape(node.args[1]) or (0, 0)

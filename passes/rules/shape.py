@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.fx as fx
 from torch import nn
 
 from ptgraph.channels import TensorType
@@ -69,12 +70,15 @@ def reshape_type(ctx: Context, t: TensorType, a: tuple, b: tuple) -> TensorType:
 
 
 def _rewrite_sizes(ctx: Context, out_type: TensorType, arg_index: int) -> None:
-    """After a shrink, literal sizes of tracked output axes in node.args[arg_index:] are updated."""
+    """After a shrink, the sizes of tracked output axes in node.args[arg_index:] are set to their
+    channel counts: literal sizes, and sizes computed at run time (`C // heads` with `C` read off
+    another tensor, which need not have shrunk alike). A tracked axis holds channels born at
+    parameters, so its size never depends on the input and a literal is always right."""
     node = ctx.node
     flat = len(node.args) == arg_index + 1 and isinstance(node.args[arg_index], (tuple, list))
     sizes = list(node.args[arg_index]) if flat else list(node.args[arg_index:])
     literal = {a: ids for a, ids in out_type.items()
-               if a < len(sizes) and isinstance(sizes[a], int) and sizes[a] != -1}
+               if a < len(sizes) and (isinstance(sizes[a], fx.Node) or (isinstance(sizes[a], int) and sizes[a] != -1))}
     if not literal:
         return
 
