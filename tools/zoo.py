@@ -500,7 +500,8 @@ def render_timm(results: list[dict[str, Any]], runs: list[dict[str, Any]], mach:
                 timeout: float) -> str:
     """The timm section of docs/ZOO.md (between TIMM_BEGIN and TIMM_END)."""
     ok = [r for r in results if r.get("status") == "ok"]
-    refused = [r for r in results if r.get("status") in ("refused", "timeout")]
+    refused = [r for r in results if r.get("status") == "refused"]
+    timed_out = [r for r in results if r.get("status") == "timeout"]
     wrong = [r for r in results if r.get("status") in ("mismatch", "error")]
     cnns = [r for r in results if r["cnn"] and "groups" in r]
     cnn_hit = [r for r in cnns if r.get("status") == "ok" and r["conv_share"] > CONV_TARGET]
@@ -536,6 +537,8 @@ def render_timm(results: list[dict[str, Any]], runs: list[dict[str, Any]], mach:
         + (": " + "; ".join(f"{r['model']} ({r.get('why', r['status'])})" for r in wrong) if wrong else ""),
         f"- not built, not runnable or not traceable by torch (listed with the reason): {len(refused)}"
         + (": " + ", ".join(r["model"] for r in refused) if refused else ""),
+        *([f"- timed out (per-model limit, not a verdict): {len(timed_out)}: " + ", ".join(r["model"] for r in timed_out)]
+          if timed_out else []),
         f"- CNNs: {len(cnns)}; conv-channel prunable share over {CONV_TARGET:.0%}: **{len(cnn_hit)} / {len(cnns)}**"
         + ("; at or under: " + "; ".join(f"{r['model']} {_pct(r['conv_share'])}" for r in low) if low else ""),
         f"- shrunk models that export to ONNX and match in onnxruntime: "

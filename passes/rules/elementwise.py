@@ -35,9 +35,12 @@ UNARY_MODULES = [
 # Stochastic depth of optional libraries: its forward reads self.training (kept whole, see leaf_rule);
 # a per-sample mask, channel by channel the identity in eval.
 MODE_DEPENDENT_UNARY = ["timm.layers.drop.DropPath"]
+# timm's own parameter-free activations (elementwise; kept whole so BatchNormAct2d can name them)
+TIMM_ACTIVATIONS = [f"timm.layers.activations.{n}" for n in (
+    "GELU", "GELUTanh", "HardMish", "HardSigmoid", "HardSwish", "Mish", "QuickGELU", "Sigmoid", "Swish", "Tanh")]
 
 
-@leaf_rule(*MODE_DEPENDENT_UNARY)
+@leaf_rule(*MODE_DEPENDENT_UNARY, *TIMM_ACTIVATIONS)
 @rule(*UNARY_FUNCTIONS, *UNARY_METHODS, *UNARY_MODULES)
 def unary(ctx: Context) -> NodeType:
     first = ctx.arg(0, "input")

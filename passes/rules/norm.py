@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptgraph.passes.flow import Context, Counter, NodeType, freeze_everything, set_arg
-from ptgraph.passes.rules import RULES, leaf_rule, rule
+from ptgraph.passes.rules import RULES, leaf_rule, qualname, rule
 
 _PER_CHANNEL = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
                 nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
@@ -166,7 +166,7 @@ def batch_norm_act(ctx: Context) -> NodeType:
     m = ctx.module
     for part in ("drop", "act"):
         sub = getattr(m, part, None)
-        if sub is not None and RULES.get(type(sub)) is not unary:
+        if sub is not None and unary not in (RULES.get(type(sub)), RULES.get(qualname(type(sub)))):
             return freeze_everything(ctx, f"{type(sub).__name__} inside BatchNormAct '{ctx.node.target}' "
                                           "is not a known elementwise op")
     return batch_norm_module(ctx)
