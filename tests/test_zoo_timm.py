@@ -104,3 +104,14 @@ def test_cait_reshape_sizes_computed_at_run_time():
     model = Cait(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=4, depth_token_only=1, num_classes=10)
     _, result = _check(model, 32)
     assert result.groups_pruned > 0
+
+
+def test_tf_same_padding_conv_and_pool_are_rules_not_untraceable_leaves():
+    from timm.layers.conv2d_same import Conv2dSame
+    from timm.layers.pool2d_same import MaxPool2dSame
+
+    model = torch.nn.Sequential(Conv2dSame(3, 8, 3, stride=2), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                MaxPool2dSame(3, 2), Conv2dSame(8, 8, 3, groups=8), Conv2dSame(8, 16, 1),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 10))
+    _, result = _check(model, 33, conv_target=0.9)  # an odd size: the padding differs per side
+    assert result.groups_pruned == 2

@@ -75,6 +75,11 @@ def _conv_module(ctx: Context) -> tuple[NodeType, np.ndarray | None]:
     return out_type, x_ids
 
 
+# TF "same" padding computed from the input size at run time (control flow fx cannot trace): the
+# padding is spatial, the channels are a conv's.
+leaf_rule("timm.layers.conv2d_same.Conv2dSame")(conv_module)
+
+
 # Weight-standardised convs (timm's StdConv2d, ScaledStdConv2d for BiT, NFNet): the forward
 # standardises each output channel's weights over (in/groups, *k) with F.batch_norm, then convolves.
 # Kept whole (leaf_rule): per output channel the standardisation is its own, so output channels

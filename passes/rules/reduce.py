@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptgraph.passes.flow import Context, NodeType, freeze_everything
-from ptgraph.passes.rules import rule
+from ptgraph.passes.rules import leaf_rule, rule
 
 _SPATIAL = {
     1: [nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d, nn.LPPool1d, F.max_pool1d,
@@ -43,6 +43,8 @@ def _spatial(k: int | None):
 
 for _k, _targets in _SPATIAL.items():
     rule(*_targets)(_spatial(_k))
+# timm's TF "same"-padded pools (padding from the input size at run time: control flow fx cannot trace)
+leaf_rule("timm.layers.pool2d_same.MaxPool2dSame", "timm.layers.pool2d_same.AvgPool2dSame")(_spatial(2))
 rule(F.interpolate, nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, F.pad, "pad")(_spatial(None))
 
 
