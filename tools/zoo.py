@@ -113,6 +113,30 @@ def timm_families(sizes: dict[str, list]) -> list[tuple[str, str]]:
     return out
 
 
+TOKEN_MIXERS = ("attention", "attn", "lstm", "gru", "rnn", "mixerblock", "spatialgating", "modulation", "transformer")
+
+
+def timm_token_mixers(names: list[str]) -> dict[str, bool]:
+    """name -> whether the model (built on the meta device) has a module whose class names a token
+    mixer other than convolution (attention, recurrence, MLP mixing, focal modulation): such a model
+    is not a CNN even when that module is an untraceable leaf, hiding its ops from the graph."""
+    import warnings
+
+    import timm
+    import torch
+
+    out = {}
+    for name in names:
+        try:
+            with warnings.catch_warnings(), torch.device("meta"):
+                warnings.simplefilter("ignore")
+                model = timm.create_model(name, pretrained=False)
+            out[name] = any(any(t in type(m).__name__.lower() for t in TOKEN_MIXERS) for m in model.modules())
+        except Exception:  # noqa: BLE001 - not built: nothing to classify
+            out[name] = False
+    return out
+
+
 def timm_worker(name: str, ratio: float, seed: int, onnx: bool) -> dict[str, Any]:
     """In this process: build a timm model, pick a small input it runs on, analyse, verify, export.
     Prints what `ptgraph analyze --json --verify --onnx` prints, plus the input and how it was built."""
@@ -246,7 +270,8 @@ def run_model(name: str, ratio: float, timeout: float, threads: int | None, fami
         rec.update(status="refused", why=info["refused"])
         return rec
     if family is not None:
-        rec.update(cnn=not info["attention"] and info["convs"] >= 4, input=info["input"],
+        rec.update(cnn=not info["attention"] and info["convs"] >= 4, graph_cnn=not info["attention"] and info["convs"] >= 4,
+                   input=info["input"],
                    built_with=info["built_with"])
     groups = info["groups"]
     v = info.get("verify", {})
@@ -522,7 +547,8 @@ def render_timm(results: list[dict[str, Any]], runs: list[dict[str, Any]], mach:
         f"with a fixed input size are rebuilt with `img_size={TIMM_SMALL}` where their constructor takes it), else at its",
         "default size (*input*). Groups the analysis cannot prove exact are not verified: they are frozen (with the",
         "reason; the largest frozen reason is in the note) or prunable but inexact (named in the note).",
-        "*CNN*: no attention op (matmul, bmm, einsum, softmax, SDPA) in the graph and at least 4 convs.",
+        "*CNN*: no attention op (matmul, bmm, einsum, softmax, SDPA) in the graph, no module whose class names",
+        f"a token mixer ({', '.join(TOKEN_MIXERS)}; it may be an untraceable leaf), and at least 4 convs.",
         "",
         *(f"- command: `{r['command']}` ({r['models']} models), started {r['started']}, {r['wall_s'] / 60:.1f} min, "
           f"load average at the start {r['load']}" for r in runs),
@@ -568,6 +594,10 @@ def render_timm(results: list[dict[str, Any]], runs: list[dict[str, Any]], mach:
         "  frozen, the heads pass through.",
         "- *Reshape sizes computed at run time* (`C // heads` with `C` read off another tensor, cait) kept their old",
         "  value after a shrink; they are now rewritten to the channel count like literal sizes.",
+        "- *TF \"same\" padding* (`Conv2dSame`, `MaxPool2dSame`: padding computed from the input size, control flow",
+        "  fx cannot trace) made untraceable leaves that froze their channels (pnasnet 88% of conv channels); they",
+        "  now have the conv and pool rules. timm's own activations (`GELU`, ...) are elementwise rules.",
+        "- The FLOP count crashed on `F.linear(input=..., weight=...)` given by keyword (beit).",
         "",
         "| model | family | input | CNN | groups | prunable | channels | conv ch | verify | rel err | ONNX (ort rel err) "
         "| params before | params after | t trace+an. (s) | note / refused |",
@@ -762,8 +792,10 @@ def main_timm(args: argparse.Namespace, argv: list[str] | None) -> int:
             run["wall_s"] = time.perf_counter() - t0
             if raw is not None:
                 _write_raw(raw, results, runs, None)
-    shown = [results[m] for m in (list(results) if raw is not None and args.reuse and not args.models else chosen)
-             if m in results]
+    shown = [results[m] for m in (list(results) if raw is not None and args.reuse else chosen) if m in results]
+    mixers = timm_token_mixers([r["model"] for r in shown if "groups" in r])
+    for r in shown:
+        r["cnn"] = "groups" in r and r.get("graph_cnn", r["cnn"]) and not mixers.get(r["model"], False)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     doc = out.read_text() if out.exists() else ""
