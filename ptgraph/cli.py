@@ -185,6 +185,8 @@ def cmd_prune_train(args: argparse.Namespace) -> int:
     fields = {f: getattr(args, f) for f in TrainConfig.__dataclass_fields__ if hasattr(args, f)}
     cfg = TrainConfig(**{**fields, "model": args.model or ""})
     cfg.check()
+    if args.nproc_per_node is not None and args.nproc_per_node < 1:
+        raise UserError("--nproc-per-node must be 1 or more")
     if args.nproc_per_node is not None and "WORLD_SIZE" not in os.environ:  # the launcher; under torchrun: a rank
         from pathlib import Path
 
@@ -222,19 +224,32 @@ def _train_parser(sub) -> None:
     p.add_argument("--epochs", type=int, default=None, help="epochs (default: 182 CIFAR, 90 ImageNet, 8 synthetic)")
     p.add_argument("--batch-size", type=int, default=None, help="mini-batch (default: 128 CIFAR, 256 ImageNet, 64 synthetic)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: 0.1 x batch/128 CIFAR, /256 ImageNet)")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     p.add_argument("--weight-decay", type=float, default=None, help="weight decay (default: 5e-4 CIFAR, 1e-4 ImageNet)")
     p.add_argument("--schedule", choices=("step", "cosine"), default="step",
                    help="step: x0.1 at 50/75%% of epochs (CIFAR) or 45/67/90%% (ImageNet); cosine")
-    p.add_argument("--penalty-ratio", type=float, default=0.2, help="group lasso share of the first loss")
+    p.add_argument("--target-flops", type=float, default=None,
+                   help="end with this share of the dense forward FLOPs, reached gradually by --prune-until; the lasso "
+                        "strength is steered there (default: 0.5, unless --penalty-ratio is given)")
+    p.add_argument("--prune-until", type=float, default=None,
+                   help="share of the training steps by which the target is reached; the rest trains the smaller "
+                        "network plainly (default: 0.3)")
+    p.add_argument("--prune-schedule", choices=("cubic", "linear"), default=None,
+                   help="FLOPs from dense to the target: cubic cuts most early, linear evenly (default: cubic)")
+    p.add_argument("--reconfigurations", type=int, default=None,
+                   help="shrinks on the way to the target (default: 8)")
+    p.add_argument("--penalty-ratio", type=float, default=None,
+                   help="the paper's method instead of a target: lambda fixed so that the lasso is this share of the "
+                        "first loss (e.g. 0.2 for 182 CIFAR epochs; how much it removes depends on model and schedule)")
     p.add_argument("--threshold", type=float, default=1e-4, help="channels with a group norm under this are removed")
     p.add_argument("--lasso", choices=("proximal", "subgradient"), default="proximal",
-                   help="proximal: group soft-thresholding after each step (exact zeros); subgradient: penalty in the loss")
+                   help="proximal: group soft-thresholding after each step (exact zeros); subgradient: penalty in the "
+                        "loss (with --penalty-ratio only)")
     p.add_argument("--prox-every", type=int, default=1,
                    help="proximal thresholding every N steps, with N steps' strength (fewer kernels on GPUs)")
-    p.add_argument("--target-flops", type=float, default=None,
-                   help="stop pruning at this share of the dense FLOPs (e.g. 0.5): the plan that would go below it is "
-                        "capped there and the lasso switched off (default: no target)")
-    p.add_argument("--reconfig-every", type=int, default=10, help="epochs between reconfigurations")
+    p.add_argument("--reconfig-every", type=int, default=None,
+                   help="epochs between reconfigurations (default: 10 with --penalty-ratio; with a target, "
+                        "--reconfigurations spread over the schedule)")
     p.add_argument("--reconfig-steps", type=int, default=None, help="steps between reconfigurations, overriding --reconfig-every (default: off)")
     p.add_argument("--steps-per-epoch", type=int, default=None, help="cap on steps per epoch, for short runs (default: no cap)")
     p.add_argument("--round-to", type=int, default=None,

@@ -239,3 +239,17 @@ def test_launcher_reports_a_killed_rank_and_the_run_resumes(tmp_path):
 
     assert main(["prune-train", "--resume", str(run_dir), "--device", "cpu"]) == 0
     assert ckpt.load(run_dir)["epoch"] == 2
+
+
+def test_two_ranks_steer_a_flops_budget_identically(tmp_path):
+    """The budget's plans, lambda, gain and weights are decided on rank 0: both ranks end with the same model."""
+    cfg = _cfg(tmp_path / "two", penalty_ratio=None, reconfig_steps=None, target_flops=0.5, prune_until=0.5,
+               reconfigurations=3)
+    codes = _spawn(cfg, tmp_path / "out")
+    assert codes == [0, 0], [(p.name, p.read_text()) for p in (tmp_path / "out").glob("*.err")]
+    ranks = [torch.load(tmp_path / "out" / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert ranks[0]["plans"] == ranks[1]["plans"] and len(ranks[0]["plans"]) >= 2
+    for name, value in ranks[0]["state"].items():
+        assert torch.equal(value, ranks[1]["state"][name]), name
+    summary = ranks[0]["summary"]
+    assert abs(summary["flops"] / summary["dense_flops"] - 0.5) <= 0.05

@@ -2,9 +2,14 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from ptgraph.errors import UserError
+from ptgraph.trainers.budget import check_budget
+
+DEFAULT_TARGET = 0.5  # docs/BENCHMARKS.md section 1: ResNet-20 and MobileNetV2 at half their FLOPs, near dense
+DEFAULT_PRUNE_UNTIL = 0.3
 
 
 @dataclass(frozen=True)
@@ -17,12 +22,15 @@ class TrainConfig:
     weight_decay: float | None = None  # 5e-4 (cifar) or 1e-4 (imagenet)
     momentum: float = 0.9
     schedule: str = "step"  # step: x0.1 at 50/75% (cifar) or 45/67/90% (imagenet); or cosine
-    penalty_ratio: float = 0.2
+    penalty_ratio: float | None = None  # the paper's method: lambda fixed so the lasso is this share of the first loss
     threshold: float = 1e-4
     lasso: str = "proximal"  # proximal (group soft-thresholding) or subgradient (penalty in the loss)
     prox_every: int = 1  # steps between proximal thresholdings (each with the strength of all of them)
-    target_flops: float | None = None  # stop pruning at this share of the dense forward FLOPs
-    reconfig_every: int = 10  # epochs
+    target_flops: float | None = None  # end at this share of the dense forward FLOPs (default 0.5 without a ratio)
+    prune_until: float | None = None  # share of the training steps by which to reach the target (default 0.3)
+    prune_schedule: str | None = None  # cubic (default) or linear, from dense to the target
+    reconfigurations: int | None = None  # shrinks on the way to the target (default 8)
+    reconfig_every: int | None = None  # epochs (default 10 with a penalty ratio; with a target, set by the schedule)
     reconfig_steps: int | None = None  # overrides reconfig_every
     steps_per_epoch: int | None = None
     round_to: int | None = None  # None: 8 on CUDA (odd channel counts run slower than dense there), 1 on the CPU
@@ -52,25 +60,57 @@ class TrainConfig:
         wd = self.weight_decay if self.weight_decay is not None else (1e-4 if imagenet else 5e-4)
         cfg = dataclasses.replace(self, epochs=epochs, batch_size=batch, lr=lr, weight_decay=wd)
         cfg.check()
+        if not cfg.dense and cfg.penalty_ratio is None:  # a FLOPs budget, the default
+            cfg = dataclasses.replace(cfg, **cfg.budget_values())
+        elif not cfg.dense and cfg.reconfig_every is None:
+            cfg = dataclasses.replace(cfg, reconfig_every=10)
         return cfg
+
+    def budget_values(self) -> dict:
+        """The FLOPs budget's settings, defaults filled in."""
+        given = {"target_flops": self.target_flops, "prune_until": self.prune_until,
+                 "prune_schedule": self.prune_schedule, "reconfigurations": self.reconfigurations}
+        defaults = {"target_flops": DEFAULT_TARGET, "prune_until": DEFAULT_PRUNE_UNTIL, "prune_schedule": "cubic",
+                    "reconfigurations": 8}
+        return {k: defaults[k] if v is None else v for k, v in given.items()}
+
+    @property
+    def budget(self) -> bool:
+        """Pruning steered to a FLOPs target (the default), rather than at a fixed penalty ratio."""
+        return not self.dense and self.penalty_ratio is None
 
     def milestones(self, family: str) -> list[int]:
         fractions = (0.45, 0.67, 0.9) if family == "imagenet" else (0.5, 0.75)
         return [max(1, round(f * self.epochs)) for f in fractions]
 
     def check(self) -> None:
+        schedule_flags = [name for name, value in (("--prune-until", self.prune_until),
+                                                   ("--prune-schedule", self.prune_schedule),
+                                                   ("--reconfigurations", self.reconfigurations)) if value is not None]
         rules = [
+            (not (self.penalty_ratio is not None and self.target_flops is not None),
+             "--target-flops steers the lasso strength itself; give either --target-flops or --penalty-ratio, not both"),
+            (not (self.dense and (self.penalty_ratio is not None or self.target_flops is not None or schedule_flags)),
+             "--dense trains without pruning; leave out --target-flops, --penalty-ratio and the schedule flags"),
+            (not (self.penalty_ratio is not None and schedule_flags),
+             f"{', '.join(schedule_flags)} place(s) the FLOPs target's schedule; they do not apply with --penalty-ratio"),
+            (not (self.budget and self.lasso == "subgradient"),
+             "a FLOPs target steers the proximal lasso; use --lasso subgradient only with --penalty-ratio"),
             (self.epochs is None or self.epochs > 0, "--epochs must be positive"),
+            (self.lr is None or (math.isfinite(self.lr) and self.lr > 0), "--lr must be a positive number, e.g. 0.1"),
+            (0 <= self.momentum < 1, "--momentum must be in [0, 1), e.g. 0.9"),
+            (self.weight_decay is None or (math.isfinite(self.weight_decay) and self.weight_decay >= 0),
+             "--weight-decay must be zero or positive, e.g. 5e-4"),
+            (self.max_batch is None or self.max_batch > 0, "--max-batch must be positive"),
+            (self.workers is None or self.workers >= 0, "--workers must be 0 or more"),
             (self.batch_size is None or self.batch_size > 0, "--batch-size must be positive"),
-            (0 <= self.penalty_ratio < 1, "--penalty-ratio must be in [0, 1), e.g. 0.2"),
+            (self.penalty_ratio is None or 0 <= self.penalty_ratio < 1, "--penalty-ratio must be in [0, 1), e.g. 0.2"),
             (self.threshold >= 0, "--threshold must be non-negative, e.g. 1e-4"),
-            (self.reconfig_every > 0, "--reconfig-every must be a positive number of epochs"),
+            (self.reconfig_every is None or self.reconfig_every > 0, "--reconfig-every must be a positive number of epochs"),
             (self.reconfig_steps is None or self.reconfig_steps > 0, "--reconfig-steps must be positive"),
             (self.steps_per_epoch is None or self.steps_per_epoch > 0, "--steps-per-epoch must be positive"),
             (self.round_to is None or self.round_to >= 1, "--round-to must be 1 or more"),
             (self.prox_every >= 1, "--prox-every must be 1 or more"),
-            (self.target_flops is None or 0 < self.target_flops < 1,
-             "--target-flops is the share of the dense FLOPs to keep, between 0 and 1, e.g. 0.5"),
             (self.schedule in ("step", "cosine"), "--schedule must be step or cosine"),
             (self.lasso in ("proximal", "subgradient"), "--lasso must be proximal or subgradient"),
             (self.amp in ("auto", "bf16", "fp16", "off"), "--amp must be auto, bf16, fp16 or off"),
@@ -80,3 +120,5 @@ class TrainConfig:
         for ok, message in rules:
             if not ok:
                 raise UserError(message)
+        if self.budget:
+            check_budget(*self.budget_values().values())

@@ -75,15 +75,16 @@ def group_lasso(index: ChannelIndex, module: nn.Module) -> torch.Tensor:
 
 
 @torch.no_grad()
-def proximal_step(index: ChannelIndex, module: nn.Module, strength: float) -> None:
-    """Group soft-thresholding: scale each channel by max(0, 1 - strength / norm), giving exact zeros.
+def proximal_step(index: ChannelIndex, module: nn.Module, strength: float, weights: torch.Tensor | None = None) -> None:
+    """Group soft-thresholding: scale each channel by max(0, 1 - strength * weight / norm), giving exact zeros.
 
-    `strength` is lr * lambda. A weight shared by two groups (a conv's in and out channels) is
+    `strength` is lr * lambda; `weights` (one per channel slot, default 1) make the penalty adaptive. A weight shared by two groups (a conv's in and out channels) is
     scaled by both factors, the usual approximation for overlapping groups. One gather makes every
     factor; each parameter then takes one multiply (a few kernels per layer: this runs every step).
     """
     norms = channel_sq_norms(index, module).sqrt()
-    scale = torch.cat([(1 - strength / norms.clamp_min(1e-30)).clamp_min(0), norms.new_ones(1)])
+    shrink = strength if weights is None else strength * weights
+    scale = torch.cat([(1 - shrink / norms.clamp_min(1e-30)).clamp_min(0), norms.new_ones(1)])
     factors = iter(scale[index.slots].split(index.lengths))
     params = dict(module.named_parameters())
     for name, axes in zip(index.params, index.axes):
@@ -95,3 +96,4 @@ def proximal_step(index: ChannelIndex, module: nn.Module, strength: float) -> No
             f = next(factors).view(shape)
             total = f if total is None else total * f
         p.mul_(total.to(p.dtype))
+

@@ -27,7 +27,7 @@ from ptgraph.trainers.config import TrainConfig
 from ptgraph.trainers.data import DataSets, load_data
 from ptgraph.trainers.distributed import Dist, ShardSampler, pick_device
 from ptgraph.trainers.distributed import setup as setup_distributed
-from ptgraph.trainers.prunetrain import PruneTrain, Reconfiguration, lasso_lambda
+from ptgraph.trainers.prunetrain import PruneTrain, Reconfiguration
 from ptgraph.trainers.report import MetricsLog, make_run_dir, write_report
 from ptgraph.trainers.resident import DeviceBatches, ImageTensors, image_tensors
 
@@ -89,10 +89,19 @@ class Run:
                 and out_shape[-1] != self.data.num_classes:
             raise UserError(f"the model has {out_shape[-1]} outputs but the data has {self.data.num_classes} classes; "
                             f"build it with num_classes={self.data.num_classes}")
+        self.batch = cfg.batch_size
+        shard = len(ShardSampler(len(self.data.train), self.rank, self.world, True, 0))
+        self.steps_per_epoch = min(shard // self.batch, cfg.steps_per_epoch or shard)  # what every epoch runs
+        reconfig_steps = cfg.reconfig_steps
+        if cfg.budget and cfg.reconfig_every and not reconfig_steps:  # the budget reconfigures by steps
+            reconfig_steps = cfg.reconfig_every * self.steps_per_epoch
+        budget = dict(target_flops=cfg.target_flops, total_steps=cfg.epochs * self.steps_per_epoch,
+                      prune_until=cfg.prune_until, prune_schedule=cfg.prune_schedule,
+                      reconfigurations=cfg.reconfigurations) if cfg.budget else {}
         self.pt = PruneTrain(graph, example, None, penalty_ratio=cfg.penalty_ratio, threshold=cfg.threshold,
-                             reconfig_steps=cfg.reconfig_steps, round_to=cfg.round_to,
+                             reconfig_steps=reconfig_steps, round_to=cfg.round_to,
                              proximal=cfg.lasso == "proximal", exact_only=cfg.exact_only, prox_every=cfg.prox_every,
-                             target_flops=cfg.target_flops)
+                             **budget)
         self.widths_before = self._widths()
         self.dense_flops = self.pt.dense_flops
         for plan_json in (resume or {}).get("plans", []):
@@ -102,7 +111,6 @@ class Run:
             self.model = self.model.to(memory_format=torch.channels_last)
             torch.backends.cudnn.benchmark = True
         self.amp = _amp_dtype(cfg, self.device)
-        self.batch = cfg.batch_size
         self.lr_scale = 1.0  # the dynamic batch's factor
         self.world_scale = float(self.world) if cfg.scale_lr else 1.0  # lr x processes: batch_size is per process
         self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr * self.world_scale, momentum=cfg.momentum,
@@ -139,7 +147,7 @@ class Run:
             "input_shape": self.input_shape,
             "model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
             "scaler": self.scaler.state_dict(), "rng": ckpt.rng_state(), "epoch": self.epoch, "steps": self.pt.steps,
-            "lam": self.pt.lam, "batch": self.batch, "lr_scale": self.lr_scale, "world": self.world,
+            "lam": self.pt.lam, "budget": self.pt.budget_state(), "batch": self.batch, "lr_scale": self.lr_scale, "world": self.world,
             "world_scale": self.world_scale, "train_flops": self.train_flops,
             "dense_train_flops": self.dense_train_flops, "records": self.records,
         }
@@ -154,6 +162,8 @@ class Run:
         self.sched.load_state_dict(s["scheduler"])
         self.scaler.load_state_dict(s["scaler"])
         self.epoch, self.pt.steps, self.pt.lam = s["epoch"], s["steps"], s["lam"]
+        if "budget" in s:
+            self.pt.load_budget_state(s["budget"])
         self.batch, self.lr_scale = s["batch"], s["lr_scale"]
         if s.get("world_scale", 1.0) != self.world_scale:  # resumed with another number of processes
             self._scale_lr(self.world_scale / s.get("world_scale", 1.0))
@@ -210,26 +220,32 @@ class Run:
     def _calibrate(self, loss: torch.Tensor) -> None:
         """lambda from the global batch's loss (the mean over ranks), decided on rank 0 for every rank."""
         (mean,) = self.dist.sum(float(loss.detach()) / self.world)
-        with torch.no_grad():
-            lam = lasso_lambda(mean, float(self.pt.lasso()), self.pt.penalty_ratio)
-        self.pt.lam = self.dist.broadcast_object(lam)
+        if self.dist.main:
+            self.pt.lam = self.pt.calibrate(mean)
+        if self.pt.schedule is not None:  # the adaptive weights too
+            self.pt.load_budget_state(self.dist.broadcast_object(self.pt.budget_state()))
+        else:
+            self.pt.lam = self.dist.broadcast_object(self.pt.lam)
 
     def reconfigure(self, console) -> Reconfiguration | None:
         act_before = activation_elements(self.model)
+        goal = self.pt.scheduled_flops
         r = self.pt.reconfigure(self.dist.broadcast_plan(self.pt.plan() if self.dist.main else None))
-        if self.cfg.target_flops is not None:
-            self.pt.lam = self.dist.broadcast_object(self.pt.lam)  # rank 0 knows whether the plan hit the target
+        if self.pt.schedule is not None:  # rank 0 steered: the same lambda and gain on every rank
+            self.pt.load_budget_state(self.dist.broadcast_object(self.pt.budget_state()))
         if r is None:
             return None
         self.runner = self._compiled()
         shrunk = ", ".join(f"g{g}: {a}->{b}" for g, (a, b) in sorted(r.report.groups.items())[:8])
         more = f" (+{len(r.report.groups) - 8} more)" if len(r.report.groups) > 8 else ""
         record = {"kind": "reconfig", "epoch": self.epoch + 1, "step": r.step, "groups": len(r.report.groups),
-                  "params": r.report.params_after, "flops": r.flops_after, "seconds": r.seconds}
+                  "params": r.report.params_after, "flops": r.flops_after, "scheduled_flops": goal,
+                  "lam": self.pt.lam, "gain": self.pt.controller.gain, "cut_norm": self.pt.cut_norm, "seconds": r.seconds}
         if self.cfg.dynamic_batch:
             record.update(self._grow_batch(act_before / max(activation_elements(self.model), 1)))
         console.print(f"reconfigure @ step {r.step}: {len(r.report.groups)} groups shrank ({shrunk}{more}); "
-                      f"FLOPs/img {r.flops_before / 1e6:.1f}M -> {r.flops_after / 1e6:.1f}M; "
+                      f"FLOPs/img {r.flops_before / 1e6:.1f}M -> {r.flops_after / 1e6:.1f}M"
+                      + (f" (schedule {goal / 1e6:.1f}M)" if goal is not None else "") + "; "
                       f"params {r.report.params_before:,} -> {r.report.params_after:,}; {r.seconds:.3f} s"
                       + (f"; batch {record['batch']}, lr x{record['lr_scale']:.2f}" if self.cfg.dynamic_batch else ""))
         self.records.append(record)
@@ -250,6 +266,21 @@ class Run:
         self.sched.base_lrs = [lr * factor for lr in self.sched.base_lrs]
         for g in self.opt.param_groups:
             g["lr"] *= factor
+
+    @torch.no_grad()
+    def check_finite(self, loss_sum: torch.Tensor, run_dir: Path) -> None:
+        """A diverged run stops here, before a non-finite loss or weight reaches a plan or a checkpoint (a fp16
+        GradScaler's skipped steps leave both finite). Every rank decides the same: the flags are summed."""
+        bad_loss = not bool(torch.isfinite(loss_sum))
+        bad_weights = not bool(torch.stack([p.isfinite().all() for p in self.model.parameters()]).all())
+        bad_loss, bad_weights = self.dist.sum(int(bad_loss), int(bad_weights))
+        if bad_loss or bad_weights:
+            what = "the loss" + (" and the weights" if bad_weights else "") if bad_loss else "the weights"
+            saved = run_dir / "checkpoint.pt"
+            last = (f"the last good checkpoint ({saved}, epoch {self.epoch}) is kept; resume from it with "
+                    f"--resume {run_dir} after fixing the cause" if saved.exists() else "no checkpoint was written")
+            raise UserError(f"training diverged in epoch {self.epoch + 1} (step {self.pt.steps}): {what} became "
+                            f"infinite or NaN; lower --lr (now {self.cfg.lr:g}) or check the data; {last}")
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -299,7 +330,14 @@ def _train(cfg: TrainConfig, resume_dir: str | None, console, d: Dist) -> dict[s
     log = MetricsLog(run_dir, cfg.tensorboard) if d.main else None
     if log:
         log.truncate_after(run.epoch)
-    mode = "dense" if cfg.dense else f"PruneTrain ({cfg.lasso} lasso, penalty ratio {cfg.penalty_ratio})"
+    if cfg.dense:
+        mode = "dense"
+    elif cfg.budget:
+        mode = (f"PruneTrain to {cfg.target_flops:.0%} of the dense FLOPs by {cfg.prune_until:.0%} of training "
+                f"({cfg.prune_schedule} schedule, {len(range(run.pt.reconfig_steps, run.pt.schedule.until + 1, run.pt.reconfig_steps))} "
+                f"reconfigurations, steered proximal lasso)")
+    else:
+        mode = f"PruneTrain ({cfg.lasso} lasso, penalty ratio {cfg.penalty_ratio})"
     procs = f" x {run.world} processes" if run.world > 1 else ""
     if payload and payload.get("world", 1) != run.world:
         console.print(f"resuming a {payload.get('world', 1)}-process run with {run.world} (batch per process kept)")
@@ -336,18 +374,22 @@ def _train(cfg: TrainConfig, resume_dir: str | None, console, d: Dist) -> dict[s
                                           f"{rate:.0f} img/s")
                 bar.advance(task)
                 if not cfg.dense and run.pt.reconfiguration_due():
+                    run.check_finite(loss_sum, run_dir)
                     run.reconfigure(console)
         run.pt.flush()  # every epoch ends with its thresholding applied (checkpoints hold no pending strength)
+        run.check_finite(loss_sum, run_dir)  # before anything of this epoch reaches a plan or the checkpoint
         seen, correct, loss_sum = d.sum(seen, int(correct), float(loss_sum))  # over all ranks' shards
         run.sched.step()
         last = run.epoch + 1 == cfg.epochs
-        if not cfg.dense and not cfg.reconfig_steps and (run.epoch + 1) % cfg.reconfig_every == 0 and not last:
+        if not cfg.dense and not cfg.budget and not cfg.reconfig_steps and (run.epoch + 1) % cfg.reconfig_every == 0 \
+                and not last:
             run.reconfigure(console)
         val_acc = run.evaluate()
         run.epoch += 1
         record = {
             "kind": "epoch", "epoch": run.epoch, "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
             "val_acc": val_acc, "channels": sum(run.pt.channels.values()), "flops": run.pt.flops,
+            "scheduled_flops": run.pt.scheduled_flops, "dense_flops": run.dense_flops,
             "params": count_params(run.model), "train_flops": run.train_flops,
             "train_flops_share": run.train_flops / max(run.dense_train_flops, 1), "lr": run.opt.param_groups[0]["lr"],
             "batch": run.batch, "world": run.world, "seconds": time.perf_counter() - epoch_start,
@@ -366,7 +408,7 @@ def _train(cfg: TrainConfig, resume_dir: str | None, console, d: Dist) -> dict[s
         log.close()
     summary = {
         "model": run.spec, "data": cfg.data, "mode": "dense" if cfg.dense else "prunetrain", "epochs": cfg.epochs,
-        "target_flops": cfg.target_flops,
+        "target_flops": cfg.target_flops, "penalty_ratio": cfg.penalty_ratio,
         "val_acc": run.records[-1]["val_acc"] if run.records else None, "flops": run.pt.flops,
         "dense_flops": run.dense_flops, "params": count_params(run.model),
         "train_flops_share": run.train_flops / max(run.dense_train_flops, 1),
@@ -387,7 +429,7 @@ def _train(cfg: TrainConfig, resume_dir: str | None, console, d: Dist) -> dict[s
 def weak_penalty_hint(cfg: TrainConfig, summary: dict[str, Any]) -> str | None:
     """A PruneTrain run that removed almost nothing had a penalty too weak for its schedule: the group
     lasso only moves weights while the learning rate is high, so a short schedule needs a larger ratio."""
-    if summary["mode"] != "prunetrain" or summary["flops"] < 0.9 * summary["dense_flops"]:
+    if summary["mode"] != "prunetrain" or cfg.budget or summary["flops"] < 0.9 * summary["dense_flops"]:
         return None
     removed = 1 - summary["flops"] / summary["dense_flops"]
     return (f"note: PruneTrain removed only {removed:.0%} of the FLOPs: penalty ratio {cfg.penalty_ratio:g} was too weak "

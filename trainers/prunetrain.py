@@ -16,16 +16,20 @@ import copy
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
 from torch import nn
 
 from ptgraph.cost import forward_flops
+from ptgraph.errors import UserError
 from ptgraph.graph import Graph, trace
 from ptgraph.passes import ChannelAnalysis, PrunePlan, ShrinkReport, analyze_channels, keep_every_tensor, shrink
+from ptgraph.trainers.budget import FlopsSchedule, LassoController, check_budget, interval_steps
 from ptgraph.trainers.lasso import ChannelIndex, build_index, channel_sq_norms, group_lasso, proximal_step
+
+DEFAULT_RATIO = 0.2  # the paper's, for its 182 epochs
 
 
 @dataclass(frozen=True)
@@ -55,8 +59,25 @@ def keep_channels(norms: np.ndarray, threshold: float, round_to: int, extra: flo
     return np.sort(np.argsort(-norms, kind="stable")[:n])
 
 
+def relative_norms(norms: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+    """Each channel's norm over its group's median live norm: comparable across groups of different scale.
+    Channels at zero stay at zero."""
+    out = {}
+    for gid, n in norms.items():
+        live = n[n > 0]
+        out[gid] = n / (float(np.median(live)) if len(live) else 1.0)
+    return out
+
+
 class PruneTrain:
-    """Group-lasso regularisation over the model's channel groups, and shrinking while it trains."""
+    """Group-lasso regularisation over the model's channel groups, and shrinking while it trains.
+
+    Two ways to set the lasso's strength. With `target_flops=F` (and `total_steps`, the run's length),
+    the model is brought to F x the dense forward FLOPs by `prune_until` of the steps, gradually, along
+    a `FlopsSchedule`, the strength steered at every reconfiguration (trainers/budget.py); after that the
+    lasso is off and the smaller network trains plainly. Without a target, lambda is fixed at the first
+    step so that the penalty is `penalty_ratio` of the loss (the paper's method).
+    """
 
     def __init__(
         self,
@@ -64,7 +85,7 @@ class PruneTrain:
         example_inputs: Any,
         optimizer: torch.optim.Optimizer | None,
         *,
-        penalty_ratio: float = 0.2,
+        penalty_ratio: float | None = None,
         threshold: float = 1e-4,
         reconfig_steps: int | None = None,
         round_to: int = 1,
@@ -72,21 +93,46 @@ class PruneTrain:
         exact_only: bool = False,
         prox_every: int = 1,
         target_flops: float | None = None,
+        total_steps: int | None = None,
+        prune_until: float = 0.3,
+        prune_schedule: str = "cubic",
+        reconfigurations: int = 8,
         leaf_modules: Iterable[str | type] = (),
         ignore: Iterable[str] = (),
     ) -> None:
+        self.schedule: FlopsSchedule | None = None
+        if target_flops is not None:
+            check_budget(target_flops, prune_until, prune_schedule, reconfigurations)
+            if penalty_ratio is not None:
+                raise UserError("a FLOPs target steers the lasso strength itself; give either a target or a penalty "
+                                "ratio, not both")
+            if not proximal:
+                raise UserError("a FLOPs target steers the proximal lasso; leave out the subgradient lasso")
+            if not total_steps or total_steps < 1:
+                raise UserError("a FLOPs target needs total_steps, the run's number of training steps, to place "
+                                "its schedule")
+            until = max(1, round(prune_until * total_steps))
+            if reconfig_steps is None:
+                reconfig_steps = interval_steps(until, reconfigurations)
+            until = max(reconfig_steps, until // reconfig_steps * reconfig_steps)  # the last reconfiguration's step
+            self.schedule = FlopsSchedule(target_flops, until, prune_schedule)
         self.graph = model if isinstance(model, Graph) else trace(model, example_inputs, leaf_modules, ignore)
         self.analysis: ChannelAnalysis = analyze_channels(self.graph)
         self.optimizer = optimizer
-        self.penalty_ratio = penalty_ratio
+        self.penalty_ratio = DEFAULT_RATIO if penalty_ratio is None and target_flops is None else penalty_ratio
         self.threshold = threshold
         self.reconfig_steps = reconfig_steps
         self.round_to = round_to
         self.proximal = proximal
         self.exact_only = exact_only
         self.prox_every = prox_every
-        self.target_flops = target_flops  # share of the dense forward FLOPs at which pruning stops
-        self._capped = False
+        self.target_flops = target_flops  # share of the dense forward FLOPs to end with
+        self.controller = LassoController()
+        self.budget_done = False  # the schedule's point is past: the lasso is off, nothing more is removed
+        self.weights: np.ndarray | None = None  # per channel slot, with a target: the adaptive lasso's weights
+        self._weights_on_device: torch.Tensor | None = None
+        self.cut_norm = 0.0  # the channel norm the schedule needs at zero by its point, at the last steering
+        self._feedback: tuple[int, int, float] | None = None  # (FLOPs before, at the threshold, goal) of the last plan
         self._pending = 0.0  # proximal strength (sum of lr * lambda) not applied yet
         self.lam: float | None = None
         self.steps = 0
@@ -103,6 +149,11 @@ class PruneTrain:
     def flops(self) -> int:
         """Forward FLOPs per sample of the model as it is now."""
         return self._flops
+
+    @property
+    def scheduled_flops(self) -> int | None:
+        """With a target: the forward FLOPs per sample the schedule asks for at this step."""
+        return None if self.schedule is None else round(self.schedule.share_at(self.steps) * self.dense_flops)
 
     @property
     def channels(self) -> dict[int, int]:
@@ -123,11 +174,17 @@ class PruneTrain:
         """The group lasso: sum of every prunable channel's L2 norm over all its member slices."""
         return group_lasso(self.index, self.model)
 
+    def calibrate(self, task_loss: float) -> float:
+        """The first lambda: from the loss and the penalty ratio, or, with a target, steered to the schedule."""
+        if self.schedule is not None:
+            return self._steered_lambda()
+        with torch.no_grad():
+            return lasso_lambda(task_loss, float(self.lasso()), self.penalty_ratio)
+
     def penalty(self, task_loss: torch.Tensor) -> torch.Tensor:
         """lambda * group lasso to add to the loss (zero in proximal mode); sets lambda at the first call."""
         if self.lam is None:
-            with torch.no_grad():
-                self.lam = lasso_lambda(float(task_loss.detach()), float(self.lasso()), self.penalty_ratio)
+            self.lam = self.calibrate(float(task_loss.detach()))
         if self.proximal or self.lam == 0:
             return task_loss.new_zeros(())
         return self.lam * self.lasso()
@@ -137,6 +194,8 @@ class PruneTrain:
         (every `prox_every` steps, with the strength of all of them: on a GPU a small model's step is
         launch-bound, and the thresholding is a few kernels per layer)."""
         self.steps += 1
+        if self.lam is None and self.schedule is not None:
+            self.lam = self.calibrate(0.0)
         if self.proximal and self.lam:
             self._pending += self.optimizer.param_groups[0]["lr"] * self.lam
             if self.steps % self.prox_every == 0:
@@ -145,11 +204,15 @@ class PruneTrain:
     def flush(self) -> None:
         """Apply the proximal strength accumulated since the last thresholding."""
         if self._pending:
-            proximal_step(self.index, self.model, self._pending)
+            if self.weights is not None and self._weights_on_device is None:
+                self._weights_on_device = torch.as_tensor(self.weights, device=self.index.slots.device)
+            proximal_step(self.index, self.model, self._pending, self._weights_on_device)
             self._pending = 0.0
 
     def reconfiguration_due(self) -> bool:
-        return bool(self.reconfig_steps) and self.steps > 0 and self.steps % self.reconfig_steps == 0
+        if not self.reconfig_steps or self.steps == 0 or self.budget_done:
+            return False
+        return self.steps % self.reconfig_steps == 0
 
     @torch.no_grad()
     def channel_norms(self) -> dict[int, np.ndarray]:
@@ -159,58 +222,140 @@ class PruneTrain:
 
     @property
     def target_reached(self) -> bool:
-        """With a FLOPs target: a plan was capped at it, so the lasso is off and nothing more is removed."""
-        return self.target_flops is not None and self.lam == 0.0
+        """With a FLOPs target: the schedule's point has passed, so the lasso is off and nothing more is removed."""
+        return self.budget_done
 
     def plan(self) -> PrunePlan:
         """The channels to keep: norm at or over the threshold (rounded as configured), after any pending
-        thresholding; with a FLOPs target, never below it."""
+        thresholding. With a target, never under the schedule's FLOPs for this step, and at the schedule's
+        point exactly at the target: the channels the lasso has brought closest to zero go first."""
         self.flush()
-        if self.target_reached:
+        if self.budget_done:
             return PrunePlan({})
         norms = self.channel_norms()
-        plan = self._plan(norms, 0.0)
-        if self.target_flops is None or not plan.keep:
+        plan = self._plan(norms, self.threshold)
+        if self.schedule is None:
             return plan
-        floor = self.target_flops * self.dense_flops
-        if self.flops_after(plan) >= floor:
-            return plan
-        lo, hi = 0.0, 1.0  # share of the under-threshold channels put back: 1.0 keeps every channel
-        for _ in range(10):
-            mid = (lo + hi) / 2
-            lo, hi = (lo, mid) if self.flops_after(self._plan(norms, mid)) >= floor else (mid, hi)
-        self._capped = True
-        return self._plan(norms, hi)
+        goal = self.scheduled_flops
+        at_threshold = self.flops_after(plan) if plan.keep else self.flops
+        self._feedback = (self.flops, at_threshold, goal)
+        if at_threshold < goal:  # ahead of the schedule: put back some of the zeroed channels
+            shares = np.linspace(1.0, 0.0, 257)
+            return self._deepest(lambda i: self._plan(norms, self.threshold, shares[i]), len(shares), goal)[1]
+        if self.steps >= self.schedule.until and at_threshold > goal:  # the point: the nearest-zero channels go
+            scores = relative_norms(norms)
+            cuts = self._cuts(scores)
+            return self._deepest(lambda i: self._plan(scores, cuts[i]), len(cuts), goal, nearest=True)[1]
+        return plan
 
-    def _plan(self, norms: dict[int, np.ndarray], restore: float) -> PrunePlan:
-        """The threshold plan with `restore` of each group's under-threshold channels kept after all
-        (largest norms first)."""
+    def _plan(self, norms: dict[int, np.ndarray], cut: float, restore: float = 0.0) -> PrunePlan:
+        """Keep the channels with a norm at or over `cut`, plus `restore` of each group's others (largest
+        norms first), rounded as configured; no tensor is emptied."""
         keep = {}
         for gid, n in norms.items():
-            kept = keep_channels(n, self.threshold, self.round_to, restore)
+            kept = keep_channels(n, cut, self.round_to, restore)
             if len(kept) < len(n):
                 keep[gid] = tuple(kept.tolist())
         return keep_every_tensor(self.analysis, PrunePlan(keep), norms)
 
+    def _cuts(self, norms: dict[int, np.ndarray]) -> np.ndarray:
+        """Candidate norm cuts, ascending: the threshold, then every channel norm over it."""
+        values = np.concatenate([n for n in norms.values()] + [np.zeros(0)])
+        return np.unique(np.concatenate([[self.threshold], values[values > self.threshold]]))
+
+    def _deepest(self, plan_of: Callable[[int], PrunePlan], n: int, floor: float,
+                 nearest: bool = False) -> tuple[int, PrunePlan]:
+        """plan_of(i) removes more as i grows: the largest i (and its plan) whose plan keeps at least `floor`
+        FLOPs, or 0 (bisection on the exact FLOPs of shrunk copies). With `nearest`, the next deeper plan
+        instead when it lands closer to `floor` (coarse groups: one channel may be a big step)."""
+        lo, hi = 0, n - 1
+        if self.flops_after(plan_of(hi)) >= floor:
+            return hi, plan_of(hi)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if self.flops_after(plan_of(mid)) >= floor else (lo, mid)
+        if nearest and floor - self.flops_after(plan_of(hi)) < self.flops_after(plan_of(lo)) - floor:
+            return hi, plan_of(hi)
+        return lo, plan_of(lo)
+
     def flops_after(self, plan: PrunePlan) -> int:
         """Forward FLOPs per sample the model would have after `plan` (shrinks a copy; the model is untouched)."""
+        if not plan.keep:
+            return self.flops
         graph = copy.deepcopy(self.graph)
         analysis = analyze_channels(graph)
         assert [(g.id, g.size) for g in analysis.groups] == [(g.id, g.size) for g in self.analysis.groups]
         shrink(analysis, plan, None)
         return forward_flops(graph.module)
 
+    def _steered_lambda(self) -> float:
+        """lambda and the lasso's weights for the next interval. The channels the schedule's next point needs
+        gone carry the lasso, the others weight 0: those with the smallest norm relative to their group's
+        (raw norms would take whole groups whose scale happens to be small: a residual stream's norm sums
+        more members than a block's), found as the plan that meets that point's FLOPs. Each is weighted by
+        its norm and lambda is set so that, unopposed, all of them decay linearly to exactly zero by that
+        point (feed-forward), times the controller's gain (the feedback: the gradient defends channels the
+        network uses, and a defended channel stays until the gain overcomes it)."""
+        assert self.schedule is not None
+        nxt = min(self.schedule.until, (self.steps // self.reconfig_steps + 1) * self.reconfig_steps)
+        goal = self.schedule.share_at(nxt) * self.dense_flops
+        self.cut_norm = 0.0
+        if self.steps >= self.schedule.until or self.flops <= goal:
+            self._set_weights(None)
+            return 0.0
+        norms = self.channel_norms()
+        scores = relative_norms(norms)
+        cuts = self._cuts(scores)
+        _, plan = self._deepest(lambda i: self._plan(scores, cuts[i]), len(cuts), goal)
+        going = np.zeros(self.index.n_slots, dtype=bool)
+        flat = np.zeros(self.index.n_slots, dtype=np.float32)
+        for gid, n in norms.items():
+            mask = np.ones(len(n), dtype=bool)
+            mask[list(plan.keep.get(gid, range(len(n))))] = False
+            going[self.index.group_slices[gid]] = mask & (n >= self.threshold)
+            flat[self.index.group_slices[gid]] = n
+        self.cut_norm = float(flat[going].max(initial=0.0))
+        self._set_weights(np.where(going, flat / max(self.cut_norm, 1e-30), 0.0))
+        lr = self.optimizer.param_groups[0]["lr"] if self.optimizer is not None else 0.0
+        return self.controller.strength(self.cut_norm, lr, nxt - self.steps)
+
+    def _set_weights(self, weights: np.ndarray | None) -> None:
+        self.weights = None if weights is None else np.asarray(weights, dtype=np.float32)
+        self._weights_on_device = None
+
+    def _steer(self) -> None:
+        """After a reconfiguration this object planned: update the gain from what the lasso achieved, set lambda
+        for the next interval, and switch the lasso off at the schedule's point."""
+        before, at_threshold, goal = self._feedback
+        self._feedback = None
+        if self.steps >= self.schedule.until:
+            self.lam, self.budget_done = 0.0, True
+            return
+        self.controller.feedback(asked=before - goal, achieved=before - at_threshold)
+        self.lam = self._steered_lambda()
+
+    def budget_state(self) -> dict[str, Any]:
+        """What a checkpoint (or rank 0) must carry so that the steering goes on identically."""
+        return {"lam": self.lam, "done": self.budget_done, "weights": self.weights, **self.controller.state_dict()}
+
+    def load_budget_state(self, state: dict[str, Any]) -> None:
+        self.lam, self.budget_done = state["lam"], state["done"]
+        self._set_weights(state["weights"])
+        self.controller.load_state_dict(state)
+
     def reconfigure(self, plan: PrunePlan | None = None) -> Reconfiguration | None:
-        """Remove the channels under the threshold from model and optimizer, in place; None if none are."""
+        """Remove the channels under the threshold from model and optimizer, in place; None if none are.
+        A plan passed in (a replay, or rank 0's under torchrun) is applied as it is, without steering."""
         start = time.perf_counter()
         plan = plan if plan is not None else self.plan()
-        if self._capped:
-            self.lam, self._capped = 0.0, False  # at the target: the rest of training is plain training
-        if not plan.keep:
-            return None
         before = self.flops
-        report = shrink(self.analysis, plan, self.optimizer)
-        self._index = None
-        self._flops = forward_flops(self.model)
-        self.plans.append(plan)
-        return Reconfiguration(self.steps, plan, report, before, self.flops, time.perf_counter() - start)
+        r = None
+        if plan.keep:
+            report = shrink(self.analysis, plan, self.optimizer)
+            self._index = None
+            self._flops = forward_flops(self.model)
+            self.plans.append(plan)
+            r = Reconfiguration(self.steps, plan, report, before, self.flops, time.perf_counter() - start)
+        if self._feedback is not None:
+            self._steer()
+        return r

@@ -79,8 +79,17 @@ def write_report(run_dir: Path, records: list[dict[str, Any]], widths_before: di
     ax.set_ylabel("val accuracy (%)", color="tab:blue")
     ax2 = ax.twinx()
     ax2.plot(xs, [r["flops"] / 1e6 for r in epochs], "s--", color="tab:red", label="MFLOPs / image")
+    dense = next((r.get("dense_flops") for r in epochs if r.get("dense_flops")), None)
+    if summary.get("target_flops") and dense:
+        ax2.axhline(summary["target_flops"] * dense / 1e6, color="tab:red", lw=0.8, ls=":",
+                    label=f"target ({summary['target_flops']:.0%} of dense)")
+    if dense:
+        ax2.axhline(dense / 1e6, color="gray", lw=0.8, ls=":", label="dense")
+    ax2.set_ylim(0, 1.08 * max([dense or 0] + [r["flops"] / 1e6 for r in epochs]) or None)
     ax2.set_ylabel("forward MFLOPs per image", color="tab:red")
-    ax.set_title("accuracy and model cost over training")
+    ax2.legend(loc="lower right", fontsize=8)
+    saved = 1 - epochs[-1]["train_flops_share"] if epochs else 0.0
+    ax.set_title(f"accuracy and model cost over training ({saved:.0%} of the dense training FLOPs saved)")
     fig.tight_layout()
     fig.savefig(run_dir / "training.png", dpi=110)
     plt.close(fig)
@@ -101,11 +110,14 @@ def write_report(run_dir: Path, records: list[dict[str, Any]], widths_before: di
     lines = ["# PruneTrain report", ""]
     lines += [f"- {k}: {v}" for k, v in summary.items()]
     lines += ["", "![accuracy and FLOPs](training.png)", "", "![layer widths](widths.png)", "",
-              "| epoch | train loss | val acc | FLOPs/img | train FLOPs (cum.) | share of dense | time (s) |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
+              "| epoch | train loss | val acc | FLOPs/img | schedule | train FLOPs (cum.) | share of dense | saved so far "
+              "| time (s) |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in epochs:
+        goal = f"{r['scheduled_flops'] / 1e6:.1f} M" if r.get("scheduled_flops") else "-"
         lines.append(f"| {r['epoch']} | {r['train_loss']:.4f} | {100 * r['val_acc']:.2f}% | {r['flops'] / 1e6:.1f} M | "
-                     f"{r['train_flops'] / 1e12:.3f} T | {100 * r['train_flops_share']:.1f}% | {r['seconds']:.1f} |")
+                     f"{goal} | {r['train_flops'] / 1e12:.3f} T | {100 * r['train_flops_share']:.1f}% | "
+                     f"{100 * (1 - r['train_flops_share']):.1f}% | {r['seconds']:.1f} |")
     path = run_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -1,0 +1,168 @@
+"""The FLOPs budget: the schedule, the steering, the loop reaching its target, resume, bad values."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ptgraph.cli import main
+from ptgraph.errors import UserError
+from ptgraph.trainers import PruneTrain
+from ptgraph.trainers import loop as loop_module
+from ptgraph.trainers.budget import FlopsSchedule, LassoController
+from ptgraph.trainers.config import TrainConfig
+from ptgraph.trainers.loop import train
+from toy_models import ResidualNet
+
+
+def test_schedule_runs_from_dense_to_the_target_and_stays():
+    for shape in ("cubic", "linear"):
+        s = FlopsSchedule(0.4, until=100, shape=shape)
+        shares = [s.share_at(t) for t in range(0, 150, 5)]
+        assert shares[0] == 1.0 and s.share_at(100) == pytest.approx(0.4) and s.share_at(149) == pytest.approx(0.4)
+        assert all(a >= b for a, b in zip(shares, shares[1:]))
+    assert FlopsSchedule(0.4, 100, "cubic").share_at(25) < FlopsSchedule(0.4, 100, "linear").share_at(25)
+
+
+def test_controller_gain_follows_the_shortfall_and_stays_bounded():
+    c = LassoController()
+    c.feedback(asked=10.0, achieved=0.0)
+    assert c.gain > 1.0
+    high = c.gain
+    c.feedback(asked=10.0, achieved=30.0)
+    assert c.gain < high
+    for _ in range(100):
+        c.feedback(asked=10.0, achieved=0.0)
+    assert c.gain == c.max_gain
+    assert c.strength(2.0, lr=0.1, steps=10) == pytest.approx(c.gain * 2.0)
+    c.load_state_dict(LassoController(gain=0.5).state_dict())
+    assert c.gain == 0.5
+
+
+def _run_api(target: float, total: int = 60, until: float = 0.5, seed: int = 0):
+    """The README's loop with a target, on a fixed random regression task."""
+    torch.manual_seed(seed)
+    model = ResidualNet(width=32)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    pt = PruneTrain(model, torch.randn(2, 3, 8, 8), opt, target_flops=target, total_steps=total, prune_until=until,
+                    reconfigurations=4)
+    data = torch.randn(total, 8, 3, 8, 8)
+    shrinks = []
+    for t in range(total):
+        loss = pt.model(data[t]).square().mean()
+        (loss + pt.penalty(loss)).backward()
+        opt.step()
+        opt.zero_grad()
+        pt.after_step()
+        if pt.reconfiguration_due():
+            r = pt.reconfigure()
+            if r is not None:
+                shrinks.append(r)
+    return pt, shrinks
+
+
+@pytest.mark.parametrize("target", [0.5, 0.3])
+def test_the_object_reaches_its_target_gradually_then_trains_plainly(target):
+    pt, shrinks = _run_api(target)
+    assert abs(pt.flops / pt.dense_flops - target) <= 0.05
+    assert sum(r.step < pt.schedule.until for r in shrinks) >= 2  # gradual: shrinks before the schedule's point
+    assert all(r.step <= pt.schedule.until for r in shrinks)
+    assert pt.target_reached and pt.lam == 0.0 and pt.scheduled_flops == round(target * pt.dense_flops)
+    before = {n: p.detach().clone() for n, p in pt.model.named_parameters()}
+    pt.after_step()  # the lasso is off
+    assert all(torch.equal(before[n], p) for n, p in pt.model.named_parameters())
+
+
+def test_the_steered_lasso_only_presses_the_channels_the_next_point_needs():
+    torch.manual_seed(1)
+    model = ResidualNet(width=16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    pt = PruneTrain(model, torch.randn(2, 3, 8, 8), opt, target_flops=0.5, total_steps=40, reconfigurations=4)
+    pt.penalty(torch.tensor(1.0))
+    assert pt.lam > 0 and pt.weights is not None
+    assert 0 < pt.weights.sum() < len(pt.weights)  # some channels, not all
+    norms = np.concatenate([pt.channel_norms()[g] for g in pt.index.group_slices])
+    assert norms[pt.weights > 0].max() <= norms[pt.weights == 0].min() + 1e-6  # the smallest ones
+    assert pt.cut_norm == pytest.approx(norms[pt.weights > 0].max())
+
+
+def test_a_target_needs_the_run_length_and_no_ratio():
+    model = ResidualNet(width=8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(UserError, match="total_steps"):
+        PruneTrain(model, x, opt, target_flops=0.5)
+    with pytest.raises(UserError, match="not both"):
+        PruneTrain(model, x, opt, target_flops=0.5, total_steps=10, penalty_ratio=0.2)
+    with pytest.raises(UserError, match="subgradient"):
+        PruneTrain(model, x, opt, target_flops=0.5, total_steps=10, proximal=False)
+    with pytest.raises(UserError, match="--prune-until"):
+        PruneTrain(model, x, opt, target_flops=0.5, total_steps=10, prune_until=0.0)
+
+
+def _cfg(tmp_path, **kw):
+    base = dict(model="toy_models:small_resnet", data="synthetic:easy", epochs=4, batch_size=32, steps_per_epoch=8,
+                lr=0.1, run_dir=str(tmp_path / "run"), tensorboard=False, target_flops=0.5, prune_until=0.5,
+                reconfigurations=4)
+    return TrainConfig(**{**base, **kw})
+
+
+def _records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("model", ["toy_models:small_resnet", "toy_models:plain_net"])
+def test_the_loop_reaches_the_target_on_two_models_with_the_same_flags(tmp_path, model):
+    summary = train(_cfg(tmp_path, model=model))
+    assert abs(summary["flops"] / summary["dense_flops"] - 0.5) <= 0.05
+    records = _records(tmp_path / "run")
+    until = 0.5 * 4 * 8
+    assert sum(r["kind"] == "reconfig" and r["step"] < until for r in records) >= 2
+    assert all(r["step"] <= until for r in records if r["kind"] == "reconfig")
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert epochs[-1]["scheduled_flops"] == round(0.5 * summary["dense_flops"])
+    assert summary["train_flops_share"] < 0.85
+    assert "0.5" in (tmp_path / "run" / "report.md").read_text()  # the target is in the report
+
+
+def test_resume_after_a_kill_mid_schedule_is_bit_identical(tmp_path, monkeypatch):
+    train(_cfg(tmp_path / "a"))
+    reference = torch.load(tmp_path / "a" / "run" / "checkpoint.pt", weights_only=False)
+    calls = {"n": 0}
+    original = loop_module.Run.train_step
+
+    class Killed(Exception):
+        pass
+
+    def dying_step(self, x, y):
+        calls["n"] += 1
+        if calls["n"] == 12:  # epoch 2, between the reconfigurations of the schedule
+            raise Killed()
+        return original(self, x, y)
+
+    monkeypatch.setattr(loop_module.Run, "train_step", dying_step)
+    with pytest.raises(Killed):
+        train(_cfg(tmp_path / "b"))
+    monkeypatch.setattr(loop_module.Run, "train_step", original)
+    train(_cfg(tmp_path / "b"), resume_dir=str(tmp_path / "b" / "run"))
+    resumed = torch.load(tmp_path / "b" / "run" / "checkpoint.pt", weights_only=False)
+    assert resumed["plans"] == reference["plans"] and len(reference["plans"]) >= 2
+    assert resumed["budget"]["gain"] == reference["budget"]["gain"]
+    assert all(torch.equal(resumed["model"][k], reference["model"][k]) for k in reference["model"])
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--target-flops", "0"], "--target-flops 0 is outside (0, 1]"),
+    (["--target-flops", "1.5"], "--target-flops 1.5 is outside"),
+    (["--prune-until", "0"], "--prune-until 0 is outside (0, 1]"),
+    (["--prune-until", "1.2"], "--prune-until 1.2"),
+    (["--target-flops", "0.5", "--penalty-ratio", "0.9"], "not both"),
+    (["--penalty-ratio", "0.9", "--prune-until", "0.5"], "--prune-until"),
+    (["--dense", "--target-flops", "0.5"], "--dense trains without pruning"),
+    (["--lasso", "subgradient"], "--lasso subgradient only with --penalty-ratio"),
+    (["--reconfigurations", "0"], "--reconfigurations must be 1 or more"),
+])
+def test_bad_budget_values_are_one_line_and_exit_2(argv, words, capsys, tmp_path):
+    code = main(["prune-train", "--model", "toy_models:small_resnet", "--run-dir", str(tmp_path / "r"), *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and words in err and err.count("\n") == 1, err
