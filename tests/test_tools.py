@@ -25,18 +25,22 @@ def test_bench_step_finds_the_flop_cut(round_to):
 
 def test_cifar_table_runs_both_modes_and_reuses_finished_runs(tmp_path, capsys):
     argv = ["--models", "toy_models:small_resnet", "--data", "synthetic:easy", "--epochs", "1", "--steps-per-epoch", "2",
-            "--batch-size", "16", "--reconfig-every", "1", "--penalty-ratio", "0.5,0.9", "--out", str(tmp_path)]
+            "--batch-size", "16", "--reconfig-every", "1", "--target-flops", "0.5", "--penalty-ratio", "0.9",
+            "--out", str(tmp_path)]
     assert cifar_table.main(argv) == 0
     table = json.loads((tmp_path / "table.json").read_text())
-    assert [r["penalty_ratio"] for r in table["rows"]] == [0.5, 0.9]
+    assert [(r["penalty_ratio"], r["target_flops"]) for r in table["rows"]] == [(0.9, None), (None, 0.5)]
     assert all(r["dense_acc"] is not None and r["dense_epoch_seconds"] > 0 for r in table["rows"])
     assert all(0 < r["final_step_time_share"] < 10 for r in table["rows"])
     assert sorted(d.name for d in tmp_path.iterdir() if d.is_dir()) == [
-        "small_resnet-dense", "small_resnet-prunetrain-p0.5", "small_resnet-prunetrain-p0.9"]
-    assert "| toy_models:small_resnet | 0.9 |" in (tmp_path / "table.md").read_text()
+        "small_resnet-dense", "small_resnet-prunetrain-p0.9", "small_resnet-prunetrain-t0.5"]
+    text = (tmp_path / "table.md").read_text()
+    assert "| toy_models:small_resnet | ratio 0.9 |" in text and "| toy_models:small_resnet | target 0.5 |" in text
     assert cifar_table.main(argv) == 0
     assert capsys.readouterr().out.count("reusing") == 3
     assert cifar_table.main(argv[:-2] + ["--modes", "sparse", "--out", str(tmp_path)]) == 2
     assert cifar_table.main(argv[:-4] + ["--penalty-ratio", "high", "--out", str(tmp_path)]) == 2
     assert cifar_table.main(argv[:-4] + ["--penalty-ratio", "1.5", "--out", str(tmp_path)]) == 2
     assert "--penalty-ratio must be in [0, 1)" in capsys.readouterr().out
+    assert cifar_table.main(argv[:-6] + ["--target-flops", "1.5", "--out", str(tmp_path)]) == 2
+    assert "--target-flops 1.5 is outside" in capsys.readouterr().out

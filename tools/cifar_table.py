@@ -5,13 +5,14 @@ dense and once with PruneTrain per penalty ratio, then writes a markdown table (
 accuracy, training FLOPs as a share of dense, final inference FLOPs and parameters, wall time, and
 the final models' training-step time measured side by side.
 
-Several penalty ratios give several PruneTrain runs (one table row each) against one dense run:
-the accuracy/FLOPs trade-off. Runs land in OUT/<model>-dense and OUT/<model>-prunetrain-p<ratio>. A
-finished run (summary.json present) is reused; an interrupted one resumes from its checkpoint, so
-the table can be built across sessions:
+Several FLOPs targets (or penalty ratios, the paper's method) give several PruneTrain runs, one
+table row each, against one dense run: the accuracy/FLOPs trade-off. Runs land in OUT/<model>-dense,
+OUT/<model>-prunetrain-t<target> and OUT/<model>-prunetrain-p<ratio>. A finished run (summary.json
+present) is reused; an interrupted one resumes from its checkpoint, so the table can be built across
+sessions:
 
-    python tools/cifar_table.py --models ptgraph:resnet20 --epochs 10 --reconfig-every 2 \\
-        --penalty-ratio 0.9,0.95 --out runs/cifar_cpu
+    python tools/cifar_table.py --models ptgraph:resnet20 --epochs 10 --steps-per-epoch 195 \\
+        --target-flops 0.5,0.3 --out runs/cifar_cpu
 """
 from __future__ import annotations
 
@@ -58,10 +59,10 @@ def run_one(cfg: TrainConfig, run_dir: Path) -> dict:
 
 
 def run_folder(name: str, ratio: float | None, target_flops: float | None = None) -> str:
-    """A run's folder under --out: `<model>-dense`, or `<model>-prunetrain-p<ratio>[-t<target>]`."""
-    if ratio is None:
+    """A run's folder under --out: `<model>-dense`, `<model>-prunetrain-t<target>` or `<model>-prunetrain-p<ratio>`."""
+    if ratio is None and target_flops is None:
         return f"{name}-dense"
-    return f"{name}-prunetrain-p{ratio:g}" + (f"-t{target_flops:g}" if target_flops else "")
+    return f"{name}-prunetrain-" + (f"p{ratio:g}" if ratio is not None else f"t{target_flops:g}")
 
 
 def final_step_times(run_dirs: dict, batch: int, steps: int, device: str, rounds: int = 3) -> dict:
@@ -85,14 +86,16 @@ def final_step_times(run_dirs: dict, batch: int, steps: int, device: str, rounds
 
 def schedule_text(cfg: TrainConfig, args: argparse.Namespace) -> str:
     lr = "cosine" if cfg.schedule == "cosine" else "x0.1 at 50%/75%"
-    return (f"{cfg.epochs} epochs, batch {cfg.batch_size or 128}, lr {cfg.lr if cfg.lr is not None else 0.1:g} ({lr}), "
-            f"reconfigure every {cfg.reconfig_every} epochs, "
+    steps = f" of {cfg.steps_per_epoch} steps" if cfg.steps_per_epoch else ""
+    return (f"{cfg.epochs} epochs{steps}, batch {cfg.batch_size or 128}, lr {cfg.lr if cfg.lr is not None else 0.1:g} ({lr}), "
+            f"targets reached by {args.prune_until:g} of the steps ({args.prune_schedule}, {args.reconfigurations} "
+            f"reconfigurations); ratios reconfigure every {args.reconfig_every} epochs; "
             f"threshold {cfg.threshold:g}, round-to {cfg.round_to or 'auto (8 on CUDA, 1 on CPU)'}, proximal step every {cfg.prox_every} steps")
 
 
-def row(name: str, ratio: float, dense: dict, pruned: dict, step_ratio: float | None = None) -> dict:
+def row(name: str, dense: dict, pruned: dict, step_ratio: float | None = None) -> dict:
     return {
-        "model": name, "penalty_ratio": ratio, "target_flops": pruned.get("target_flops"), "dense_acc": dense["val_acc"], "prunetrain_acc": pruned["val_acc"],
+        "model": name, "penalty_ratio": pruned.get("penalty_ratio"), "target_flops": pruned.get("target_flops"), "dense_acc": dense["val_acc"], "prunetrain_acc": pruned["val_acc"],
         "train_flops_share": pruned["train_flops_share"],
         "dense_flops": dense["flops"], "pruned_flops": pruned["flops"],
         "dense_params": dense["params"], "pruned_params": pruned["params"],
@@ -102,15 +105,21 @@ def row(name: str, ratio: float, dense: dict, pruned: dict, step_ratio: float | 
     }
 
 
+def knob(r: dict) -> str:
+    parts = ([f"target {r['target_flops']:g}"] if r.get("target_flops") else []) + \
+            ([f"ratio {r['penalty_ratio']:g}"] if r.get("penalty_ratio") is not None else [])
+    return ", ".join(parts) or "-"
+
+
 def markdown(rows: list[dict], schedule: str, machine: str) -> str:
     out = [f"Schedule: {schedule}. Machine: {machine}.", "",
-           "| model | penalty ratio (FLOPs target) | dense top-1 | PruneTrain top-1 | training FLOPs (of dense) "
+           "| model | FLOPs target (or penalty ratio) | dense top-1 | PruneTrain top-1 | training FLOPs (of dense) "
            "| inference FLOPs/img dense -> pruned | params dense -> pruned | wall dense / PruneTrain "
            "| median epoch dense / PruneTrain | final model's step time (of dense) | reconfigs |",
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         out.append(
-            f"| {r['model']} | {r['penalty_ratio']:g}{', target ' + format(r['target_flops'], 'g') if r.get('target_flops') else ''} | {r['dense_acc']:.2%} | {r['prunetrain_acc']:.2%} "
+            f"| {r['model']} | {knob(r)} | {r['dense_acc']:.2%} | {r['prunetrain_acc']:.2%} "
             f"| {r['train_flops_share']:.1%} "
             f"| {r['dense_flops'] / 1e6:.1f}M -> {r['pruned_flops'] / 1e6:.1f}M ({r['pruned_flops'] / r['dense_flops']:.1%}) "
             f"| {r['dense_params'] / 1e6:.3f}M -> {r['pruned_params'] / 1e6:.3f}M ({r['pruned_params'] / r['dense_params']:.1%}) "
@@ -140,10 +149,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--schedule", choices=("step", "cosine"), default="step")
-    p.add_argument("--reconfig-every", type=int, default=2)
-    p.add_argument("--penalty-ratio", default="0.9", help="comma-separated: one PruneTrain run per ratio")
+    p.add_argument("--reconfig-every", type=int, default=2, help="epochs between reconfigurations, for ratio runs")
+    p.add_argument("--target-flops", default="0.5", help="comma-separated: one PruneTrain run per FLOPs target")
+    p.add_argument("--prune-until", type=float, default=0.3)
+    p.add_argument("--prune-schedule", choices=("cubic", "linear"), default="cubic")
+    p.add_argument("--reconfigurations", type=int, default=8)
+    p.add_argument("--penalty-ratio", default="", help="comma-separated: one PruneTrain run per ratio (the paper's method)")
     p.add_argument("--threshold", type=float, default=1e-4)
-    p.add_argument("--target-flops", type=float, default=None, help="PruneTrain runs stop pruning at this share of dense FLOPs")
     p.add_argument("--round-to", type=int, default=None, help="default: 8 on CUDA, 1 on the CPU")
     p.add_argument("--prox-every", type=int, default=1)
     p.add_argument("--steps-per-epoch", type=int, default=None, help="cap, for smoke runs")
@@ -160,9 +172,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --modes takes dense and/or prunetrain, not {args.modes}")
         return 2
     try:
-        ratios = [float(r) for r in args.penalty_ratio.split(",")]
+        knobs = [(float(r), None) for r in args.penalty_ratio.split(",") if r] + \
+                [(None, float(t)) for t in args.target_flops.split(",") if t]
     except ValueError:
-        print(f"error: --penalty-ratio takes comma-separated numbers in [0, 1), not {args.penalty_ratio}")
+        print("error: --penalty-ratio and --target-flops take comma-separated numbers, e.g. 0.5,0.3")
         return 2
     data_path = args.data.partition(":")[2]
     if args.data.startswith("cifar10-npz:") and not Path(data_path).exists():
@@ -175,30 +188,34 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for spec in args.models.split(","):
         cfg = TrainConfig(model=spec, data=args.data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                          schedule=args.schedule, reconfig_every=args.reconfig_every,
-                          threshold=args.threshold, target_flops=args.target_flops, round_to=args.round_to, prox_every=args.prox_every, steps_per_epoch=args.steps_per_epoch,
-                          device=args.device, workers=args.workers,
-                          seed=args.seed, tensorboard=False)
+                          schedule=args.schedule, threshold=args.threshold, round_to=args.round_to,
+                          prox_every=args.prox_every, steps_per_epoch=args.steps_per_epoch,
+                          device=args.device, workers=args.workers, seed=args.seed, tensorboard=False)
         name = parse_spec(spec).name
-        folders = {None: run_folder(name, None)} if "dense" in args.modes else {}
+        configs = {(None, None): dataclasses.replace(cfg, dense=True)} if "dense" in args.modes else {}
         if "prunetrain" in args.modes:
-            folders.update({r: run_folder(name, r, args.target_flops) for r in ratios})
+            for ratio, target in knobs:
+                configs[ratio, target] = dataclasses.replace(
+                    cfg, penalty_ratio=ratio, target_flops=target,
+                    reconfig_every=args.reconfig_every if ratio is not None else None,
+                    **({} if ratio is not None else dict(prune_until=args.prune_until, reconfigurations=args.reconfigurations,
+                                                         prune_schedule=args.prune_schedule)))
         try:
-            for r in folders:
-                dataclasses.replace(cfg, penalty_ratio=cfg.penalty_ratio if r is None else r).check()
+            for c in configs.values():
+                c.check()
         except UserError as e:
             print(f"error: {e}")
             return 2
-        results = {r: run_one(dataclasses.replace(cfg, dense=r is None, run_dir=str(out / folder),
-                                                  penalty_ratio=cfg.penalty_ratio if r is None else r), out / folder)
-                   for r, folder in folders.items()}
-        if None not in results or len(results) < 2:
+        folders = {key: out / run_folder(name, *key) for key in configs}
+        results = {key: run_one(dataclasses.replace(c, run_dir=str(folders[key])), folders[key])
+                   for key, c in configs.items()}
+        if (None, None) not in results or len(results) < 2:
             continue
         step = {}
         if args.time_steps:
-            step = final_step_times({r: out / folder for r, folder in folders.items()}, args.batch_size,
-                                    args.time_steps, args.device)
-        rows += [row(spec, r, results[None], results[r], step[r] / step[None] if step else None) for r in ratios]
+            step = final_step_times(folders, args.batch_size, args.time_steps, args.device)
+        rows += [row(spec, results[None, None], results[key], step[key] / step[None, None] if step else None)
+                 for key in results if key != (None, None)]
         table = markdown(rows, schedule_text(cfg, args), machine_line(args.device))
         (out / "table.md").write_text(table)
         (out / "table.json").write_text(json.dumps({"schedule": schedule_text(cfg, args), "rows": rows}, indent=1))
