@@ -1,4 +1,5 @@
 """A diverged run stops before it can spoil a plan or a checkpoint; wrong values are one line, exit 2."""
+import numpy as np
 import pytest
 import torch
 
@@ -7,6 +8,7 @@ from ptgraph.errors import UserError
 from ptgraph.trainers import loop as loop_module
 from ptgraph.trainers.config import TrainConfig
 from ptgraph.trainers.loop import train
+from toy_models import CatNet
 
 
 def _cfg(tmp_path, **kw):
@@ -82,3 +84,76 @@ def test_wrong_training_values_are_one_line_and_exit_2(argv, words, capsys, tmp_
     code = main(["prune-train", "--model", "toy_models:small_resnet", "--run-dir", str(tmp_path / "r"), *argv])
     err = capsys.readouterr().err
     assert code == 2 and words in err and err.count("\n") == 1, err
+
+
+def _reversed_cat(monkeypatch):
+    """A deliberately broken rule: the cat lists its operands' channels in reverse order."""
+    from ptgraph.passes import rules
+    from ptgraph.passes.rules import slicing
+
+    def broken(ctx):
+        out = slicing.cat(ctx)
+        tensors = ctx.arg(0, "tensors")
+        parts = [ctx.type_of(n)[1] for n in tensors]
+        out[1] = np.concatenate(parts[::-1])
+        return out
+
+    for target in (torch.cat, torch.concat, torch.concatenate):
+        monkeypatch.setitem(rules.RULES, target, broken)
+
+
+def _zero_channels(pt, gid, channels):
+    """What the lasso does before a reconfiguration: the channels' whole group slices at zero."""
+    group = pt.analysis.group(gid)
+    params = dict(pt.model.named_parameters())
+    with torch.no_grad():
+        for m in group.members:
+            if m.name in params:
+                hit = m.positions[np.isin(m.channels, channels)]
+                params[m.name].index_fill_(m.axis, torch.as_tensor(hit), 0.0)
+
+
+
+def test_the_self_check_catches_a_broken_rule_and_freezes_its_groups(monkeypatch):
+    from ptgraph.trainers import PruneTrain
+
+    _reversed_cat(monkeypatch)
+    torch.manual_seed(0)
+    model = CatNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    pt = PruneTrain(model, torch.randn(2, 3, 8, 8), opt, penalty_ratio=0.5, threshold=1e-6)
+    branch = [g.id for g in pt.analysis.groups if g.prunable and any(m.name == "a.weight" for m in g.members)][0]
+    _zero_channels(pt, branch, [0, 1, 2])
+    before = {n: p.detach().clone() for n, p in pt.model.named_parameters()}
+    with pytest.warns(UserWarning, match="self-check: shrinking group"):
+        r = pt.reconfigure()
+    assert r is None and branch in pt.frozen and "would change the model" in pt.check_note
+    assert all(torch.equal(before[n], p) for n, p in pt.model.named_parameters())  # the unshrunk model is kept
+    assert branch not in pt.index.group_slices  # no lasso on it any more
+    assert branch not in pt.plan().keep  # and never planned again
+    pt.model(torch.randn(2, 3, 8, 8)).sum().backward()  # it trains on
+    opt.step()
+
+
+def test_with_correct_rules_the_self_check_passes_and_can_be_switched_off():
+    from ptgraph.trainers import PruneTrain
+
+    torch.manual_seed(0)
+    pt = PruneTrain(CatNet(), torch.randn(2, 3, 8, 8), None, penalty_ratio=0.5, threshold=1e-6)
+    branch = [g.id for g in pt.analysis.groups if g.prunable and any(m.name == "a.weight" for m in g.members)][0]
+    _zero_channels(pt, branch, [0, 1, 2])
+    r = pt.reconfigure()
+    assert r is not None and not pt.frozen and pt.check_note is None and pt.check_seconds > 0
+    off = PruneTrain(CatNet(), torch.randn(2, 3, 8, 8), None, penalty_ratio=0.5, self_check=False)
+    off.reconfigure(off.plan())
+    assert off.check_seconds == 0
+
+
+def test_the_loop_prints_the_self_check_and_goes_on(tmp_path, monkeypatch, capsys):
+    _reversed_cat(monkeypatch)
+    summary = train(_cfg(tmp_path, model="toy_models:cat_net", threshold=1e9, reconfig_steps=4, epochs=2))
+    assert summary["epochs"] == 2
+    out = capsys.readouterr().out
+    assert "self-check: shrinking group" in out
+    saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert saved["budget"]["frozen"] and _all_finite(saved)

@@ -107,3 +107,21 @@ class KillableNet(PlainNet):
 
     def forward(self, x):
         return super().forward(self.switch(x))
+
+
+class CatNet(nn.Module):
+    """Two branches concatenated, then mixed: the cat rule decides which consumer columns go with which branch."""
+
+    def __init__(self, num_classes: int = 4):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 6, 3, padding=1)  # unequal: a wrong order shows
+        self.mix = nn.Conv2d(14, 16, 1)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        x = self.mix(torch.cat([self.a(x).relu(), self.b(x).relu()], 1)).relu()
+        return self.fc(x.mean((2, 3)))
+
+
+def cat_net(num_classes: int = 10):
+    return CatNet(num_classes=num_classes)

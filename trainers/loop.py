@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -230,9 +231,16 @@ class Run:
     def reconfigure(self, console) -> Reconfiguration | None:
         act_before = activation_elements(self.model)
         goal = self.pt.scheduled_flops
-        r = self.pt.reconfigure(self.dist.broadcast_plan(self.pt.plan() if self.dist.main else None))
-        if self.pt.schedule is not None:  # rank 0 steered: the same lambda and gain on every rank
-            self.pt.load_budget_state(self.dist.broadcast_object(self.pt.budget_state()))
+        with warnings.catch_warnings():  # the self-check's note is printed below, once
+            warnings.simplefilter("ignore")
+            plan = self.pt.plan() if self.dist.main else None
+        r = self.pt.reconfigure(self.dist.broadcast_plan(plan))
+        # rank 0 planned, checked and steered: the same lambda, gain, weights and frozen groups on every rank
+        self.pt.load_budget_state(self.dist.broadcast_object(self.pt.budget_state()))
+        if self.pt.check_note:
+            console.print(self.pt.check_note)
+            self.records.append({"kind": "self_check", "epoch": self.epoch + 1, "step": self.pt.steps,
+                                 "frozen": sorted(self.pt.frozen), "note": self.pt.check_note})
         if r is None:
             return None
         self.runner = self._compiled()
@@ -240,7 +248,8 @@ class Run:
         more = f" (+{len(r.report.groups) - 8} more)" if len(r.report.groups) > 8 else ""
         record = {"kind": "reconfig", "epoch": self.epoch + 1, "step": r.step, "groups": len(r.report.groups),
                   "params": r.report.params_after, "flops": r.flops_after, "scheduled_flops": goal,
-                  "lam": self.pt.lam, "gain": self.pt.controller.gain, "cut_norm": self.pt.cut_norm, "seconds": r.seconds}
+                  "lam": self.pt.lam, "gain": self.pt.controller.gain, "cut_norm": self.pt.cut_norm, "seconds": r.seconds,
+                  "check_seconds_total": self.pt.check_seconds}
         if self.cfg.dynamic_batch:
             record.update(self._grow_batch(act_before / max(activation_elements(self.model), 1)))
         console.print(f"reconfigure @ step {r.step}: {len(r.report.groups)} groups shrank ({shrunk}{more}); "

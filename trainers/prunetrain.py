@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -26,6 +27,7 @@ from ptgraph.cost import forward_flops
 from ptgraph.errors import UserError
 from ptgraph.graph import Graph, trace
 from ptgraph.passes import ChannelAnalysis, PrunePlan, ShrinkReport, analyze_channels, keep_every_tensor, shrink
+from ptgraph.passes.verify import shrink_error, tolerance_for
 from ptgraph.trainers.budget import FlopsSchedule, LassoController, check_budget, interval_steps
 from ptgraph.trainers.lasso import ChannelIndex, build_index, channel_sq_norms, group_lasso, proximal_step
 
@@ -97,6 +99,7 @@ class PruneTrain:
         prune_until: float = 0.3,
         prune_schedule: str = "cubic",
         reconfigurations: int = 8,
+        self_check: bool = True,
         leaf_modules: Iterable[str | type] = (),
         ignore: Iterable[str] = (),
     ) -> None:
@@ -117,6 +120,11 @@ class PruneTrain:
             until = max(reconfig_steps, until // reconfig_steps * reconfig_steps)  # the last reconfiguration's step
             self.schedule = FlopsSchedule(target_flops, until, prune_schedule)
         self.graph = model if isinstance(model, Graph) else trace(model, example_inputs, leaf_modules, ignore)
+        self.probe = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+        self.self_check = self_check  # every plan is tried on a copy against its mask before it is kept
+        self.frozen: set[int] = set()  # groups whose shrink failed that check: never pruned again in this run
+        self.check_note: str | None = None  # what the last check froze, one line
+        self.check_seconds = 0.0
         self.analysis: ChannelAnalysis = analyze_channels(self.graph)
         self.optimizer = optimizer
         self.penalty_ratio = DEFAULT_RATIO if penalty_ratio is None and target_flops is None else penalty_ratio
@@ -161,7 +169,8 @@ class PruneTrain:
         return {g.id: g.size for g in self.analysis.groups if g.prunable}
 
     def _groups(self) -> tuple:
-        return tuple(g for g in self.analysis.groups if g.prunable and (g.exact or not self.exact_only))
+        return tuple(g for g in self.analysis.groups
+                     if g.prunable and (g.exact or not self.exact_only) and g.id not in self.frozen)
 
     @property
     def index(self) -> ChannelIndex:
@@ -226,6 +235,37 @@ class PruneTrain:
         return self.budget_done
 
     def plan(self) -> PrunePlan:
+        """The channels to keep, checked: a group whose shrink would change the model's function is left out
+        and frozen for the rest of the run (see `_checked`)."""
+        return self._checked(self._unchecked_plan())
+
+    def _checked(self, plan: PrunePlan) -> PrunePlan:
+        """Before a shrink is kept, a copy shrunk by the plan must compute what a copy masked by it computes
+        (eval mode, the example inputs). On a mismatch the groups that cause it (tried one by one) are dropped
+        from the plan and frozen; `check_note` names them."""
+        self.check_note = None
+        if not self.self_check or not plan.keep:
+            return plan
+        start = time.perf_counter()
+        device = next(self.model.parameters()).device
+        probe = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in self.probe)
+        tolerance = tolerance_for(self.model)
+        err = shrink_error(self.graph, plan, probe)
+        if err > tolerance:
+            bad = [g for g, keep in plan.keep.items() if shrink_error(self.graph, PrunePlan({g: keep}), probe) > tolerance]
+            bad = bad or list(plan.keep)
+            self.frozen.update(bad)
+            self._index = None
+            self._set_weights(None)
+            self.check_note = (f"self-check: shrinking group(s) {', '.join(f'g{g}' for g in sorted(bad))} would change "
+                               f"the model (relative error {err:.2g} > {tolerance:g}); they stay as they are and are "
+                               f"frozen for the rest of the run")
+            warnings.warn(f"ptgraph: {self.check_note}", stacklevel=3)
+            plan = PrunePlan({g: k for g, k in plan.keep.items() if g not in bad})
+        self.check_seconds += time.perf_counter() - start
+        return plan
+
+    def _unchecked_plan(self) -> PrunePlan:
         """The channels to keep: norm at or over the threshold (rounded as configured), after any pending
         thresholding. With a target, never under the schedule's FLOPs for this step, and at the schedule's
         point exactly at the target: the channels the lasso has brought closest to zero go first."""
@@ -336,10 +376,13 @@ class PruneTrain:
 
     def budget_state(self) -> dict[str, Any]:
         """What a checkpoint (or rank 0) must carry so that the steering goes on identically."""
-        return {"lam": self.lam, "done": self.budget_done, "weights": self.weights, **self.controller.state_dict()}
+        return {"lam": self.lam, "done": self.budget_done, "weights": self.weights, "frozen": sorted(self.frozen),
+                **self.controller.state_dict()}
 
     def load_budget_state(self, state: dict[str, Any]) -> None:
         self.lam, self.budget_done = state["lam"], state["done"]
+        if set(state.get("frozen", ())) != self.frozen:
+            self.frozen, self._index = set(state.get("frozen", ())), None
         self._set_weights(state["weights"])
         self.controller.load_state_dict(state)
 
