@@ -34,11 +34,33 @@ _SAME_SHAPE_MODULES = (
 _BINARY = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul}
 
 
+def _conv_shape(m: nn.modules.conv._ConvNd, x: torch.Tensor) -> tuple[int, ...] | None:
+    """A convolution's output shape by its formula (a meta conv costs a dispatch through Python); None when
+    the formula does not apply (unbatched input, transposed conv)."""
+    dims = len(m.kernel_size)
+    if isinstance(m, nn.modules.conv._ConvTransposeNd) or x.dim() != dims + 2:
+        return None
+    if m.padding == "same":
+        return (x.shape[0], m.out_channels, *x.shape[2:])
+    padding = (0,) * dims if m.padding == "valid" else m.padding
+    out = [(size + 2 * p - d * (k - 1) - 1) // s + 1
+           for size, p, d, k, s in zip(x.shape[2:], padding, m.dilation, m.kernel_size, m.stride)]
+    return (x.shape[0], m.out_channels, *out)
+
+
 class _ShapeInterpreter(fx.Interpreter):
     def call_module(self, target: Any, args: tuple, kwargs: dict) -> Any:
-        if isinstance(self.fetch_attr(target), _SAME_SHAPE_MODULES) and len(args) == 1 and not kwargs \
-                and isinstance(args[0], torch.Tensor):
-            return torch.empty_like(args[0])
+        module = self.fetch_attr(target)
+        if len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor):
+            x = args[0]
+            if isinstance(module, _SAME_SHAPE_MODULES):
+                return torch.empty_like(x)
+            if isinstance(module, nn.modules.conv._ConvNd) and x.device.type == "meta":
+                shape = _conv_shape(module, x)
+                if shape is not None:
+                    return torch.empty(shape, dtype=x.dtype, device=x.device)
+            if isinstance(module, nn.Linear) and x.device.type == "meta" and x.dim() >= 1:
+                return torch.empty((*x.shape[:-1], module.out_features), dtype=x.dtype, device=x.device)
         return super().call_module(target, args, kwargs)
 
     def call_function(self, target: Any, args: tuple, kwargs: dict) -> Any:
