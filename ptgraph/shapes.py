@@ -38,8 +38,8 @@ def _conv_shape(m: nn.modules.conv._ConvNd, x: torch.Tensor) -> tuple[int, ...] 
     """A convolution's output shape by its formula (a meta conv costs a dispatch through Python); None when
     the formula does not apply (unbatched input, transposed conv)."""
     dims = len(m.kernel_size)
-    if isinstance(m, nn.modules.conv._ConvTransposeNd) or x.dim() != dims + 2:
-        return None
+    if isinstance(m, nn.modules.conv._ConvTransposeNd) or x.dim() != dims + 2 or x.shape[1] != m.in_channels:
+        return None  # the meta kernel decides, and raises where the input does not fit
     if m.padding == "same":
         return (x.shape[0], m.out_channels, *x.shape[2:])
     padding = (0,) * dims if m.padding == "valid" else m.padding
@@ -59,7 +59,8 @@ class _ShapeInterpreter(fx.Interpreter):
                 shape = _conv_shape(module, x)
                 if shape is not None:
                     return torch.empty(shape, dtype=x.dtype, device=x.device)
-            if isinstance(module, nn.Linear) and x.device.type == "meta" and x.dim() >= 1:
+            if isinstance(module, nn.Linear) and x.device.type == "meta" and x.dim() >= 1 \
+                    and x.shape[-1] == module.in_features:
                 return torch.empty((*x.shape[:-1], module.out_features), dtype=x.dtype, device=x.device)
         return super().call_module(target, args, kwargs)
 
