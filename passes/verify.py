@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ptgraph.cost import forward_flops
+from ptgraph.errors import UserError
 from ptgraph.graph import Graph
 from ptgraph.passes.groups import ChannelAnalysis, analyze_channels
 from ptgraph.passes.plan import PrunePlan
@@ -83,8 +84,8 @@ def shrink_error(graph: Graph, plan: PrunePlan, inputs: tuple) -> float:
         shrink(analysis, plan)
         with torch.no_grad():
             got, want = _flat(twin.module(*inputs)), _flat(masked(*inputs))
-    except Exception:  # noqa: BLE001 - a shrink that cannot even run is the clearest mismatch
-        return float("inf")
+    except (RuntimeError, ValueError, IndexError, TypeError, AssertionError, UserError):
+        return float("inf")  # a shrink that cannot even run is the clearest mismatch
     if got.shape != want.shape or not torch.isfinite(want).all():
         return float("inf") if got.shape != want.shape else 0.0
     return _rel_err(got, want)[0]
