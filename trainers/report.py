@@ -85,7 +85,7 @@ def write_report(run_dir: Path, records: list[dict[str, Any]], widths_before: di
                     label=f"target ({summary['target_flops']:.0%} of dense)")
     if dense:
         ax2.axhline(dense / 1e6, color="gray", lw=0.8, ls=":", label="dense")
-    ax2.set_ylim(0, 1.08 * max([dense or 0] + [r["flops"] / 1e6 for r in epochs]) or None)
+    ax2.set_ylim(0, 1.08 * max([(dense or 0) / 1e6] + [r["flops"] / 1e6 for r in epochs]) or None)
     ax2.set_ylabel("forward MFLOPs per image", color="tab:red")
     ax2.legend(loc="lower right", fontsize=8)
     saved = 1 - epochs[-1]["train_flops_share"] if epochs else 0.0
