@@ -38,7 +38,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 TRANSFORMER_PREFIXES = ("vit_", "swin_", "maxvit")  # reported apart from the CNNs (the 90% conv target)
@@ -659,6 +659,23 @@ def _write_raw(path: Path, results: dict[str, dict[str, Any]], runs: list[dict[s
     tmp.replace(path)
 
 
+def _sweep(todo: list[str], run_one: Callable[[str], dict[str, Any]], jobs: int, results: dict, run: dict,
+           t0: float, save: Callable[[], None]) -> None:
+    """Run every model (in parallel processes when jobs > 1), a progress line each, saving after each."""
+    def one(name: str) -> dict[str, Any]:
+        rec = run_one(name)
+        extra = f" conv {_pct(rec.get('conv_share'))} rel {rec.get('rel_err')}" if "groups" in rec else ""
+        print(f"[{time.perf_counter() - t0:7.0f} s] {name}: {rec['status']}{extra} {rec.get('why', '')}",
+              file=sys.stderr, flush=True)
+        return rec
+
+    with ThreadPoolExecutor(max(1, jobs)) as pool:
+        for rec in pool.map(one, todo):
+            results[rec["model"]] = rec
+            run["wall_s"] = time.perf_counter() - t0
+            save()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default=None, help="comma-separated subset (default: every classification model)")
@@ -717,19 +734,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
 
-    def one(name: str) -> dict[str, Any]:
-        rec = run_model(name, args.ratio, args.timeout, threads)
-        extra = f" conv {_pct(rec.get('conv_share'))} rel {rec.get('rel_err')}" if "groups" in rec else ""
-        print(f"[{time.perf_counter() - t0:7.0f} s] {name}: {rec['status']}{extra} {rec.get('why', '')}",
-              file=sys.stderr, flush=True)
-        return rec
-
-    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
-        for rec in pool.map(one, todo):
-            results[rec["model"]] = rec
-            run["wall_s"] = time.perf_counter() - t0
-            if raw is not None:
-                _write_raw(raw, results, runs, timing)
+    _sweep(todo, lambda name: run_model(name, args.ratio, args.timeout, threads), args.jobs, results, run, t0,
+           lambda: _write_raw(raw, results, runs, timing) if raw is not None else None)
     if not args.no_timing:  # else the last timing the --raw file holds, if any
         print("timing ...", file=sys.stderr, flush=True)
         timing = run_timing(list(TIMING_MODELS), args.timing_runs, args.ratio, args.timeout * 2)
@@ -779,19 +785,9 @@ def main_timm(args: argparse.Namespace, argv: list[str] | None) -> int:
     t0 = time.perf_counter()
     threads = 1 if args.jobs > 1 else None
 
-    def one(name: str) -> dict[str, Any]:
-        rec = run_model(name, args.ratio, args.timeout, threads, family_of[name], onnx=not args.no_onnx)
-        extra = f" conv {_pct(rec.get('conv_share'))} rel {rec.get('rel_err')}" if "groups" in rec else ""
-        print(f"[{time.perf_counter() - t0:7.0f} s] {name}: {rec['status']}{extra} {rec.get('why', '')}",
-              file=sys.stderr, flush=True)
-        return rec
-
-    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
-        for rec in pool.map(one, todo):
-            results[rec["model"]] = rec
-            run["wall_s"] = time.perf_counter() - t0
-            if raw is not None:
-                _write_raw(raw, results, runs, None)
+    _sweep(todo, lambda name: run_model(name, args.ratio, args.timeout, threads, family_of[name],
+                                        onnx=not args.no_onnx),
+           args.jobs, results, run, t0, lambda: _write_raw(raw, results, runs, None) if raw is not None else None)
     shown = [results[m] for m in (list(results) if raw is not None and args.reuse else chosen) if m in results]
     mixers = timm_token_mixers([r["model"] for r in shown if "groups" in r])
     for r in shown:
