@@ -28,17 +28,25 @@ def load_and_trace(args: argparse.Namespace) -> tuple[Any, Any, tuple, dict[str,
     """Build the model a spec names, trace it in training mode and analyse its channels."""
     from ptgraph.graph import trace
     from ptgraph.passes import analyze_channels
-    from ptgraph.specs import build_model, default_input_shape
+    from ptgraph.inputs import make_inputs, token_vocab
+    from ptgraph.specs import build_model, default_input_dtype, default_input_shape
 
     model = build_model(args.model)
     model.train(args.mode == "train")
     shape = parse_shape(args.input_shape) if args.input_shape else default_input_shape(args.model)
+    args.input_dtype = args.input_dtype or default_input_dtype(args.model)
     torch.manual_seed(args.seed)
-    inputs = (torch.randn(shape),)
+    inputs = make_inputs(model, shape, args.input_dtype)
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        graph = trace(model, inputs, leaf_modules=args.leaf, ignore=args.ignore)
+        try:
+            graph = trace(model, inputs, leaf_modules=args.leaf, ignore=args.ignore)
+        except UserError as e:  # floats fed to an embedding: name the flag, not the shape
+            if args.input_dtype == "float" and token_vocab(model) is not None and "indices" in str(e):
+                raise UserError(f"{type(model).__name__} reads token ids with an nn.Embedding, not floats; pass "
+                                f"--input-dtype long (with --input-shape BATCH,LENGTH)") from None
+            raise
     for w in caught:
         if str(w.message).startswith("ptgraph:"):
             print(f"warning: {str(w.message)[len('ptgraph: '):]}", file=sys.stderr)
@@ -154,19 +162,22 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if bool(args.source) == bool(args.model):
         raise UserError("export needs either a RUN_DIR/checkpoint or --model SPEC (not both)")
+    from ptgraph.inputs import make_inputs
+
     if args.source:
         from ptgraph.trainers.checkpoint import load, rebuild
 
-        model, shape = rebuild(load(args.source))
-        shape = (1, *shape[1:])
+        payload = load(args.source)
+        model, shape = rebuild(payload)
+        shape, dtype = (1, *shape[1:]), args.input_dtype or payload.get("input_dtype", "float")
     else:
         args.mode = "eval"
         _, analysis, inputs, _ = load_and_trace(args)
-        model, shape = analysis.graph.module, tuple(inputs[0].shape)
+        model, shape, dtype = analysis.graph.module, tuple(inputs[0].shape), args.input_dtype
     if args.input_shape:
         shape = parse_shape(args.input_shape)
     torch.manual_seed(args.seed)
-    result = export(model, (torch.randn(shape),), args.out, args.opset, args.dynamic_batch)
+    result = export(model, make_inputs(model, shape, dtype), args.out, args.opset, args.dynamic_batch)
     info = {**result.as_dict(), "flops": forward_flops(model)}
     if args.json:
         print(json.dumps(info, indent=1))
@@ -219,7 +230,8 @@ def _train_parser(sub) -> None:
                        formatter_class=_Defaults)
     p.add_argument("--model", default=None, help="model spec: torchvision:NAME, ptgraph:resnet32, timm:NAME, module:callable")
     p.add_argument("--data", default="synthetic",
-                   help="synthetic[:easy], cifar10:PATH, cifar100:PATH, cifar10-npz:PATH or imagenet:PATH")
+                   help="synthetic[:easy], cifar10:PATH, cifar100:PATH, cifar10-npz:PATH, imagenet:PATH, "
+                        "tokens:PATH (nanoGPT's PATH/train.bin and val.bin, uint16) or tokens:synthetic")
     p.add_argument("--download", action="store_true", help="download CIFAR into its PATH if missing")
     p.add_argument("--epochs", type=int, default=None, help="epochs (default: 182 CIFAR, 90 ImageNet, 8 synthetic)")
     p.add_argument("--batch-size", type=int, default=None, help="mini-batch (default: 128 CIFAR, 256 ImageNet, 64 synthetic)")
@@ -252,6 +264,8 @@ def _train_parser(sub) -> None:
                         "--reconfigurations spread over the schedule)")
     p.add_argument("--reconfig-steps", type=int, default=None, help="steps between reconfigurations, overriding --reconfig-every (default: off)")
     p.add_argument("--steps-per-epoch", type=int, default=None, help="cap on steps per epoch, for short runs (default: no cap)")
+    p.add_argument("--block-size", type=int, default=None,
+                   help="token data: tokens per training and validation block (default: the model's block_size, else 128)")
     p.add_argument("--round-to", type=int, default=None,
                    help="keep a multiple of this many channels per group (default: 8 on CUDA, for tensor cores; 1 on the CPU)")
     p.add_argument("--exact-only", action="store_true", help="prune only groups whose removal is exact (not LayerNorm'd streams)")
@@ -281,9 +295,17 @@ def _train_parser(sub) -> None:
     p.set_defaults(run=cmd_prune_train)
 
 
+def _input_dtype(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input-dtype", choices=("float", "long"), default=None,
+                   help="example input: float (random normal) or long (random token ids in [0, vocab) of the model's "
+                        "first nn.Embedding, e.g. with --input-shape 2,128) (default: long for ptgraph:gpt and a "
+                        "run's own, else float)")
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model spec: torchvision:NAME[?k=v], timm:NAME, or module:callable")
     p.add_argument("--input-shape", default=None, help="example input shape, e.g. 1,3,224,224 (default: the model's)")
+    _input_dtype(p)
     p.add_argument("--mode", choices=("train", "eval"), default="train",
                    help="mode to trace in; train keeps training-only branches such as auxiliary heads (default: train)")
     p.add_argument("--leaf", action="append", default=[], metavar="MODULE",
@@ -311,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the .onnx file to write")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
     p.add_argument("--input-shape", default=None, help="input shape to export with (default: the traced one, batch 1)")
+    _input_dtype(p)
     p.add_argument("--dynamic-batch", action="store_true", help="make the batch dimension dynamic")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     p.add_argument("--leaf", action="append", default=[], help=argparse.SUPPRESS)

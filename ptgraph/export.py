@@ -23,6 +23,7 @@ from torch import nn
 
 from ptgraph.aux_outputs import without_aux_heads
 from ptgraph.errors import UserError
+from ptgraph.inputs import like
 
 TOLERANCE = 1e-4  # relative, float32
 DEFAULT_OPSET = 17
@@ -114,7 +115,7 @@ def export(model: nn.Module, example_inputs: Any, path: str | os.PathLike, opset
         onnx.checker.check_model(path)  # by path: models over 2 GB keep their weights in external data
         proto = onnx.load(path, load_external_data=False)
         batch = (check_batch or 3) if dynamic_batch else None
-        check_inputs = tuple(torch.randn((batch, *x.shape[1:]) if batch else x.shape) for x in inputs)
+        check_inputs = tuple(like(model, x, batch) for x in inputs)  # token ids stay ids of the model's vocabulary
         with torch.no_grad():
             want = _flat(model(*check_inputs))
         session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])

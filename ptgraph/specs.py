@@ -2,6 +2,7 @@
 
     torchvision:NAME[?key=value&...]   any name of torchvision.models.list_models()
     ptgraph:NAME[?num_classes=10]      CIFAR models: the paper's resnet20/32/56/110, resnet50; mobilenet_v2
+    ptgraph:gpt[?vocab_size=256&...]   a tiny GPT for token data (ptgraph/lm_models.py)
     timm:NAME[?key=value&...]          when timm is installed
     some.module:callable[?key=value]   the user's own code (callable returns an nn.Module)
 
@@ -68,11 +69,13 @@ def build_model(spec: str | ModelSpec) -> nn.Module:
             warnings.simplefilter("ignore")
             return _call(lambda: torchvision.models.get_model(s.name, weights=None, **kwargs), s)
     if s.source == "ptgraph":
-        from ptgraph.cifar_models import MODELS
+        from ptgraph.cifar_models import MODELS as CIFAR_MODELS
+        from ptgraph.lm_models import MODELS as LM_MODELS
 
-        if s.name not in MODELS:
-            raise UserError(f"ptgraph has no built-in model '{s.name}'; choose one of {', '.join(MODELS)}")
-        return _call(lambda: MODELS[s.name](**kwargs), s)
+        models = {**CIFAR_MODELS, **LM_MODELS}
+        if s.name not in models:
+            raise UserError(f"ptgraph has no built-in model '{s.name}'; choose one of {', '.join(models)}")
+        return _call(lambda: models[s.name](**kwargs), s)
     if s.source == "timm":
         try:
             import timm
@@ -103,14 +106,23 @@ def _call(make, spec: ModelSpec) -> nn.Module:
         raise UserError(f"cannot build '{spec}' with those arguments ({e}); check the ?key=value list") from None
 
 
+def default_input_dtype(spec: str | ModelSpec) -> str:
+    """'long' (token ids) for the built-in language model, else 'float': what `--input-dtype` means when not given."""
+    s = parse_spec(spec) if isinstance(spec, str) else spec
+    return "long" if (s.source, s.name) == ("ptgraph", "gpt") else "float"
+
+
 def default_input_shape(spec: str | ModelSpec) -> tuple[int, ...]:
-    """The input a classification model of this spec expects by default (batch of 1)."""
+    """The input a model of this spec expects by default (batch of 1): an image, or a block of tokens for ptgraph:gpt."""
     s = parse_spec(spec) if isinstance(spec, str) else spec
     size = dict(s.kwargs).get("image_size")
     if isinstance(size, int):
         return (1, 3, size, size)
     if s.source == "torchvision" and s.name == "inception_v3":
         return (1, 3, 299, 299)
+    if s.source == "ptgraph" and s.name == "gpt":
+        block = dict(s.kwargs).get("block_size", 64)
+        return (1, block if isinstance(block, int) and block > 0 else 64)
     if s.source == "ptgraph":
         return (1, 3, 32, 32)
     return (1, 3, 224, 224)
