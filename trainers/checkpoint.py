@@ -87,12 +87,14 @@ def rebuild(payload: dict[str, Any]) -> tuple[torch.nn.Module, tuple[int, ...]]:
     Returns the traced graph module (in eval mode) and the input shape it was traced with.
     """
     from ptgraph.graph import trace
+    from ptgraph.inputs import make_inputs
     from ptgraph.passes import PrunePlan, analyze_channels, shrink
     from ptgraph.specs import build_model
 
     shape = tuple(payload["input_shape"])
     torch.manual_seed(0)
-    graph = trace(build_model(payload["spec"]).train(), (torch.randn(shape),))
+    model = build_model(payload["spec"]).train()
+    graph = trace(model, make_inputs(model, shape, payload.get("input_dtype", "float")))  # token ids for an LM
     analysis = analyze_channels(graph)
     for plan in payload["plans"]:
         shrink(analysis, PrunePlan.from_json(plan))

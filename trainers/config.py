@@ -10,15 +10,16 @@ from ptgraph.trainers.budget import check_budget
 
 DEFAULT_TARGET = 0.5  # docs/BENCHMARKS.md section 1: ResNet-20 and MobileNetV2 at half their FLOPs, near dense
 DEFAULT_PRUNE_UNTIL = 0.3
+TOKENS_LR = 0.5  # SGD on token data (tiny GPT on tokens:synthetic; see docs/BENCHMARKS.md)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     model: str
     data: str = "synthetic"
-    epochs: int | None = None  # cifar 182, imagenet 90, synthetic 8
-    batch_size: int | None = None  # cifar 128, imagenet 256, synthetic 64
-    lr: float | None = None  # 0.1 * batch / 128 (cifar) or / 256 (imagenet)
+    epochs: int | None = None  # cifar 182, imagenet 90, synthetic 8, tokens:synthetic 8, token files 1
+    batch_size: int | None = None  # cifar 128, imagenet 256, synthetic 64, tokens 32
+    lr: float | None = None  # 0.1 * batch / 128 (cifar) or / 256 (imagenet); tokens TOKENS_LR
     weight_decay: float | None = None  # 5e-4 (cifar) or 1e-4 (imagenet)
     momentum: float = 0.9
     schedule: str = "step"  # step: x0.1 at 50/75% (cifar) or 45/67/90% (imagenet); or cosine
@@ -33,6 +34,7 @@ class TrainConfig:
     reconfig_every: int | None = None  # epochs (default 10 with a penalty ratio; with a target, set by the schedule)
     reconfig_steps: int | None = None  # overrides reconfig_every
     steps_per_epoch: int | None = None
+    block_size: int | None = None  # token data: tokens per block (default: the model's block_size, else 128)
     round_to: int | None = None  # None: 8 on CUDA (odd channel counts run slower than dense there), 1 on the CPU
     exact_only: bool = False
     dynamic_batch: bool = False
@@ -53,11 +55,16 @@ class TrainConfig:
 
     def resolved(self, family: str) -> "TrainConfig":
         """Fill the defaults that depend on the data family, and check the values."""
-        imagenet = family == "imagenet"
-        epochs = self.epochs or (90 if imagenet else 182 if not self.data.startswith("synthetic") else 8)
-        batch = self.batch_size or (256 if imagenet else 128 if not self.data.startswith("synthetic") else 64)
-        lr = self.lr if self.lr is not None else 0.1 * batch / (256 if imagenet else 128)
-        wd = self.weight_decay if self.weight_decay is not None else (1e-4 if imagenet else 5e-4)
+        imagenet, generated = family == "imagenet", self.data.startswith(("synthetic", "tokens:synthetic"))
+        if family == "tokens":  # an epoch is one pass over train.bin's tokens in random blocks
+            epochs, batch = self.epochs or (8 if generated else 1), self.batch_size or 32
+            lr = self.lr if self.lr is not None else TOKENS_LR
+            wd = self.weight_decay if self.weight_decay is not None else 0.0
+        else:
+            epochs = self.epochs or (90 if imagenet else 182 if not generated else 8)
+            batch = self.batch_size or (256 if imagenet else 128 if not generated else 64)
+            lr = self.lr if self.lr is not None else 0.1 * batch / (256 if imagenet else 128)
+            wd = self.weight_decay if self.weight_decay is not None else (1e-4 if imagenet else 5e-4)
         cfg = dataclasses.replace(self, epochs=epochs, batch_size=batch, lr=lr, weight_decay=wd)
         cfg.check()
         if not cfg.dense and cfg.penalty_ratio is None:  # a FLOPs budget, the default
@@ -109,6 +116,7 @@ class TrainConfig:
             (self.reconfig_every is None or self.reconfig_every > 0, "--reconfig-every must be a positive number of epochs"),
             (self.reconfig_steps is None or self.reconfig_steps > 0, "--reconfig-steps must be positive"),
             (self.steps_per_epoch is None or self.steps_per_epoch > 0, "--steps-per-epoch must be positive"),
+            (self.block_size is None or self.block_size > 0, "--block-size must be a positive number of tokens"),
             (self.round_to is None or self.round_to >= 1, "--round-to must be 1 or more"),
             (self.prox_every >= 1, "--prox-every must be 1 or more"),
             (self.schedule in ("step", "cosine"), "--schedule must be step or cosine"),

@@ -1,20 +1,24 @@
-"""Data sets for `--data SPEC`: synthetic, cifar10/cifar100 folders, the CIFAR-10 JPEG npz, ImageNet folders.
+"""Data sets for `--data SPEC`: synthetic, cifar10/cifar100 folders, the CIFAR-10 JPEG npz, ImageNet folders,
+token files (tokens:PATH, tokens:synthetic).
 
 Each spec gives train and validation sets with the standard augmentations (random crop + flip
-for CIFAR; random-resized-crop + flip for ImageNet), the number of classes, the image size
-and the paper's default schedule family ("cifar" or "imagenet").
+for CIFAR; random-resized-crop + flip for ImageNet), the number of classes, the image size,
+the paper's default schedule family ("cifar", "imagenet" or "tokens") and the task (what the
+loss and the validation figures are; trainers/task.py).
 """
 from __future__ import annotations
 
 import io
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
 from ptgraph.errors import UserError
+from ptgraph.trainers.task import Classification, NextToken, Task
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -26,7 +30,12 @@ class DataSets:
     val: Dataset
     num_classes: int
     image_size: int
-    family: str  # "cifar" (and synthetic) or "imagenet": picks the default schedule
+    family: str  # "cifar" (and synthetic), "imagenet" or "tokens": picks the default schedule
+    task: Task = field(default=None)  # type: ignore[assignment]  # classification unless the spec says otherwise
+
+    def __post_init__(self) -> None:
+        if self.task is None:
+            self.task = Classification(self.num_classes, self.image_size)
 
 
 def _transforms(family: str, size: int, train: bool):
@@ -98,6 +107,8 @@ def _need(path: str, what: str) -> None:
 def load_data(spec: str, download: bool = False, image_size: int | None = None) -> DataSets:
     """Parse `--data` and build the data sets."""
     kind, _, path = spec.partition(":")
+    if kind == "tokens":
+        return load_tokens(spec, path)
     if kind == "synthetic":
         if path not in ("", "easy"):
             raise UserError(f"unknown --data '{spec}'; use synthetic or synthetic:easy")
@@ -133,4 +144,23 @@ def load_data(spec: str, download: bool = False, image_size: int | None = None) 
         if len(train.classes) != len(val.classes):
             raise UserError(f"{path}/train has {len(train.classes)} classes but val/ has {len(val.classes)}; use matching folders")
         return DataSets(train, val, len(train.classes), size, "imagenet")
-    raise UserError(f"unknown --data '{spec}'; use synthetic[:easy], cifar10:PATH, cifar100:PATH, cifar10-npz:PATH or imagenet:PATH")
+    raise UserError(f"unknown --data '{spec}'; use synthetic[:easy], cifar10:PATH, cifar100:PATH, cifar10-npz:PATH, "
+                    f"imagenet:PATH, tokens:PATH or tokens:synthetic")
+
+
+def load_tokens(spec: str, path: str) -> DataSets:
+    """tokens:PATH (nanoGPT's PATH/train.bin and PATH/val.bin) or tokens:synthetic; blocks are cut once the
+    model's block size is known (NextToken.fit)."""
+    from ptgraph.trainers.tokens import max_token, read_tokens, synthetic_tokens
+
+    if not path:
+        raise UserError(f"--data {spec} needs a folder: --data tokens:PATH with PATH/train.bin and PATH/val.bin, "
+                        f"or --data tokens:synthetic")
+    if path == "synthetic":
+        train, val = synthetic_tokens()
+    else:
+        _need(path, "a folder with train.bin and val.bin (flat uint16 token ids)")
+        train, val = read_tokens(Path(path) / "train.bin"), read_tokens(Path(path) / "val.bin")
+    vocab = max(max_token(train), max_token(val)) + 1
+    task = NextToken(vocab, spec, train, val)
+    return DataSets(train, val, vocab, 0, "tokens", task)

@@ -13,16 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ptgraph.aux_outputs import AUX_WEIGHTS
 from ptgraph.cost import TRAIN_STEP_FACTOR, activation_elements
 from ptgraph.errors import UserError
 from ptgraph.graph import trace
+from ptgraph.inputs import dtype_name
 from ptgraph.passes import PrunePlan, count_params
-from ptgraph.specs import build_model, parse_spec
+from ptgraph.specs import build_model
 from ptgraph.trainers import checkpoint as ckpt
 from ptgraph.trainers.config import TrainConfig
 from ptgraph.trainers.data import DataSets, load_data
@@ -31,26 +30,8 @@ from ptgraph.trainers.distributed import setup as setup_distributed
 from ptgraph.trainers.prunetrain import PruneTrain, Reconfiguration
 from ptgraph.trainers.report import MetricsLog, make_run_dir, write_report
 from ptgraph.trainers.resident import DeviceBatches, ImageTensors, image_tensors
-
-
-def task_loss(out: Any, y: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy; models that return auxiliary logits in training add them with their usual weight."""
-    if isinstance(out, torch.Tensor):
-        return F.cross_entropy(out, y)
-    weight = AUX_WEIGHTS.get(type(out).__name__, 0.3)
-    main, *aux = [o for o in out if isinstance(o, torch.Tensor)]
-    return F.cross_entropy(main, y) + sum(weight * F.cross_entropy(a, y) for a in aux)
-
-
-def logits(out: Any) -> torch.Tensor:
-    return out if isinstance(out, torch.Tensor) else out[0]
-
-
-def _spec_with_classes(spec: str, num_classes: int) -> str:
-    s = parse_spec(spec)
-    if s.source in ("torchvision", "ptgraph", "timm") and "num_classes" not in dict(s.kwargs):
-        return f"{spec}{'&' if '?' in spec else '?'}num_classes={num_classes}"
-    return spec
+from ptgraph.trainers.task import logits  # noqa: F401 - tools import it from here
+from ptgraph.trainers.tokens import TokenBatches
 
 
 def _amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -74,22 +55,18 @@ class Run:
         if cfg.round_to is None:  # tensor cores want channel counts in multiples of 8 (docs/BENCHMARKS.md)
             self.cfg = cfg = dataclasses.replace(cfg, round_to=8 if self.device.type == "cuda" else 1)
         torch.manual_seed(cfg.seed)
-        self.spec = _spec_with_classes(cfg.model, self.data.num_classes)
+        self.task = self.data.task  # loss, example input and validation figures: classification or next-token
+        self.spec = self.task.model_spec(cfg.model)
         model = build_model(self.spec).train()
         if cfg.sync_bn:
             if self.dist.active and self.device.type != "cuda":
                 raise UserError("--sync-bn needs CUDA (SyncBatchNorm has no CPU kernel); leave it out on the CPU")
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # before tracing: the analysis binds these
-        size = self.data.image_size
-        self.input_shape = (2, 3, size, size)
-        example = (torch.randn(self.input_shape),)
+        self.data, example = self.task.fit(self.data, model, cfg.block_size)
+        self.input_shape, self.input_dtype = tuple(example[0].shape), dtype_name(example[0])
         graph = trace(model, example)
         n_out = [n for n in graph.module.graph.nodes if n.op == "output"][0].args[0]
-        out_shape = getattr(n_out, "meta", {}).get("shape") if not isinstance(n_out, tuple) else None
-        if isinstance(out_shape, tuple) and out_shape and isinstance(out_shape[-1], int) \
-                and out_shape[-1] != self.data.num_classes:
-            raise UserError(f"the model has {out_shape[-1]} outputs but the data has {self.data.num_classes} classes; "
-                            f"build it with num_classes={self.data.num_classes}")
+        self.task.check_output(getattr(n_out, "meta", {}).get("shape") if not isinstance(n_out, tuple) else None)
         self.batch = cfg.batch_size
         shard = len(ShardSampler(len(self.data.train), self.rank, self.world, True, 0))
         self.steps_per_epoch = min(shard // self.batch, cfg.steps_per_epoch or shard)  # what every epoch runs
@@ -131,7 +108,9 @@ class Run:
 
     # -- state -------------------------------------------------------------------------------
     def _widths(self) -> dict[str, int]:
-        return {n: m.out_channels for n, m in self.pt.model.named_modules() if isinstance(m, nn.modules.conv._ConvNd)}
+        """Output width per conv (per linear layer in a model without convs): the report's width plot."""
+        convs = {n: m.out_channels for n, m in self.pt.model.named_modules() if isinstance(m, nn.modules.conv._ConvNd)}
+        return convs or {n: m.out_features for n, m in self.pt.model.named_modules() if isinstance(m, nn.Linear)}
 
     def _compiled(self) -> nn.Module:
         """What a step calls: the model, wrapped in DDP under torchrun (rebuilt after every shrink), compiled on request."""
@@ -145,7 +124,7 @@ class Run:
     def state(self) -> dict[str, Any]:
         return {
             "config": dataclasses.asdict(self.cfg), "spec": self.spec, "plans": [p.to_json() for p in self.pt.plans],
-            "input_shape": self.input_shape,
+            "input_shape": self.input_shape, "input_dtype": self.input_dtype,
             "model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
             "scaler": self.scaler.state_dict(), "rng": ckpt.rng_state(), "epoch": self.epoch, "steps": self.pt.steps,
             "lam": self.pt.lam, "budget": self.pt.budget_state(), "batch": self.batch, "lr_scale": self.lr_scale, "world": self.world,
@@ -173,8 +152,10 @@ class Run:
         ckpt.set_rng_state(s["rng"])
 
     # -- training ------------------------------------------------------------------------------
-    def loader(self, dataset, shuffle: bool, epoch: int) -> DataLoader | DeviceBatches:
+    def loader(self, dataset, shuffle: bool, epoch: int) -> DataLoader | DeviceBatches | TokenBatches:
         seed = self.cfg.seed * 100_003 + epoch
+        if hasattr(dataset, "batches"):  # token blocks cut their own batches (random blocks, not a permutation)
+            return dataset.batches(self.batch, self.rank, self.world, shuffle, seed)
         sampler = ShardSampler(len(dataset), self.rank, self.world, shuffle, seed)  # same global batches for any world
         gen = torch.Generator().manual_seed(seed * 1_009 + self.rank)  # worker seeds: augmentations differ per rank
         split = self._resident(dataset, shuffle)
@@ -206,7 +187,7 @@ class Run:
         CPU wait for the GPU every step)."""
         with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
             out = self.runner(x)
-            loss = task_loss(out, y)
+            loss = self.task.loss(out, y)
             if self.pt.lam is None and not self.cfg.dense and self.dist.active:
                 self._calibrate(loss)
             total = loss if self.cfg.dense else loss + self.pt.penalty(loss)
@@ -216,7 +197,7 @@ class Run:
         self.opt.zero_grad(set_to_none=True)
         if not self.cfg.dense:
             self.pt.after_step()
-        return loss.detach().float(), (logits(out).argmax(1) == y).sum()
+        return loss.detach().float(), self.task.hits(out, y)
 
     def _calibrate(self, loss: torch.Tensor) -> None:
         """lambda from the global batch's loss (the mean over ranks), decided on rank 0 for every rank."""
@@ -292,21 +273,22 @@ class Run:
                             f"infinite or NaN; lower --lr (now {self.cfg.lr:g}) or check the data; {last}")
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Accuracy on the validation set, each rank on its shard, with rank 0's BatchNorm statistics."""
+    def evaluate(self) -> dict[str, float]:
+        """The task's validation figures (accuracy; or loss and perplexity), each rank on its shard, with rank 0's
+        BatchNorm statistics."""
         self.dist.sync_buffers(self.model)
         self.model.eval()
-        correct, total = torch.zeros((), dtype=torch.long, device=self.device), 0
+        summed, count = torch.zeros((), device=self.device), 0
         runner = self.runner if self.cfg.compile else self.model  # not DDP, whose forward may sync: shards differ
         for x, y in self.loader(self.data.val, False, 0):
             x, y = self._to(x), self._to(y)
             with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
                 out = runner(x)
-            correct += (logits(out).argmax(1) == y).sum()
-            total += len(y)
+            summed += self.task.eval_sum(out, y)
+            count += self.task.count(y)
         self.model.train()
-        correct, total = self.dist.sum(int(correct), total)
-        return correct / max(total, 1)
+        summed, count = self.dist.sum(float(summed), count)
+        return self.task.val_metrics(summed, count)
 
 
 def train(cfg: TrainConfig, resume_dir: str | None = None, console=None) -> dict[str, Any]:
@@ -379,25 +361,24 @@ def _train(cfg: TrainConfig, resume_dir: str | None, console, d: Dist) -> dict[s
                 now = time.perf_counter()
                 if now - shown > 0.5 or i + 1 == n_steps:  # the figures need a GPU sync: twice a second at most
                     shown, rate = now, seen * run.world / (now - epoch_start)
-                    bar.update(task, info=f"loss {float(loss_sum) / seen:.3f} acc {float(correct) / seen:.1%} "
-                                          f"{rate:.0f} img/s")
+                    bar.update(task, info=run.task.progress(float(loss_sum) / seen, float(correct) / seen, rate))
                 bar.advance(task)
                 if not cfg.dense and run.pt.reconfiguration_due():
                     run.check_finite(loss_sum, run_dir)
                     run.reconfigure(console)
         run.pt.flush()  # every epoch ends with its thresholding applied (checkpoints hold no pending strength)
         run.check_finite(loss_sum, run_dir)  # before anything of this epoch reaches a plan or the checkpoint
-        seen, correct, loss_sum = d.sum(seen, int(correct), float(loss_sum))  # over all ranks' shards
+        seen, correct, loss_sum = d.sum(seen, float(correct), float(loss_sum))  # over all ranks' shards
         run.sched.step()
         last = run.epoch + 1 == cfg.epochs
         if not cfg.dense and not cfg.budget and not cfg.reconfig_steps and (run.epoch + 1) % cfg.reconfig_every == 0 \
                 and not last:
             run.reconfigure(console)
-        val_acc = run.evaluate()
+        val = run.evaluate()
         run.epoch += 1
         record = {
             "kind": "epoch", "epoch": run.epoch, "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
-            "val_acc": val_acc, "channels": sum(run.pt.channels.values()), "flops": run.pt.flops,
+            **val, "channels": sum(run.pt.channels.values()), "flops": run.pt.flops,
             "scheduled_flops": run.pt.scheduled_flops, "dense_flops": run.dense_flops,
             "params": count_params(run.model), "train_flops": run.train_flops,
             "train_flops_share": run.train_flops / max(run.dense_train_flops, 1), "lr": run.opt.param_groups[0]["lr"],
@@ -408,25 +389,26 @@ def _train(cfg: TrainConfig, resume_dir: str | None, console, d: Dist) -> dict[s
             if r["epoch"] == run.epoch and log:
                 log.write(r)
         console.print(
-            f"epoch {run.epoch:>3}: loss {record['train_loss']:.4f}  val acc {val_acc:.2%}  channels {record['channels']}  "
+            f"epoch {run.epoch:>3}: loss {record['train_loss']:.4f}  {run.task.describe(val)}  channels {record['channels']}  "
             f"FLOPs/img {record['flops'] / 1e6:.1f}M  train FLOPs {run.train_flops / 1e12:.3f}T "
             f"({record['train_flops_share']:.1%} of dense)  {record['seconds']:.1f} s")
         if d.main:
             ckpt.save(run_dir / "checkpoint.pt", run.state())
     if log:
         log.close()
+    epochs = [r for r in run.records if r["kind"] == "epoch"]
     summary = {
         "model": run.spec, "data": cfg.data, "mode": "dense" if cfg.dense else "prunetrain", "epochs": cfg.epochs,
         "target_flops": cfg.target_flops, "penalty_ratio": cfg.penalty_ratio,
-        "val_acc": run.records[-1]["val_acc"] if run.records else None, "flops": run.pt.flops,
+        **({k: v for k, v in epochs[-1].items() if k.startswith("val_")} if epochs else {"val_acc": None}),
+        "flops": run.pt.flops,
         "dense_flops": run.dense_flops, "params": count_params(run.model),
         "train_flops_share": run.train_flops / max(run.dense_train_flops, 1),
         "reconfigurations": len(run.pt.plans), "wall_seconds": time.perf_counter() - start, "run_dir": str(run_dir),
     }
-    epochs = [r for r in run.records if r["kind"] == "epoch"]
     if epochs and d.main:
         write_report(run_dir, run.records, run.widths_before, run._widths(), summary)
-    console.print(f"done: val acc {summary['val_acc']:.2%}, FLOPs/img {run.dense_flops / 1e6:.1f}M -> "
+    console.print(f"done: {run.task.describe(summary) if epochs else 'no epoch run'}, FLOPs/img {run.dense_flops / 1e6:.1f}M -> "
                   f"{summary['flops'] / 1e6:.1f}M, training FLOPs {summary['train_flops_share']:.1%} of dense; "
                   f"report {run_dir / 'report.md'}")
     hint = weak_penalty_hint(cfg, summary)

@@ -64,7 +64,8 @@ class MetricsLog:
 
 def write_report(run_dir: Path, records: list[dict[str, Any]], widths_before: dict[str, int],
                  widths_after: dict[str, int], summary: dict[str, Any]) -> Path:
-    """report.md with two PNGs: accuracy and FLOPs per epoch, and per-layer widths before/after."""
+    """report.md with two PNGs: accuracy (perplexity, for token data) and FLOPs per epoch, and per-layer widths
+    before/after."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -74,9 +75,13 @@ def write_report(run_dir: Path, records: list[dict[str, Any]], widths_before: di
     epochs = [r for r in records if r.get("kind") == "epoch"]
     fig, ax = plt.subplots(figsize=(7, 4))
     xs = [r["epoch"] for r in epochs]
-    ax.plot(xs, [100 * r["val_acc"] for r in epochs], "o-", color="tab:blue", label="val accuracy (%)")
+    lm = bool(epochs) and "val_ppl" in epochs[0]  # next-token data: perplexity instead of accuracy
+    metric, what = ("val_ppl", "val perplexity") if lm else ("val_acc", "val accuracy (%)")
+    ax.plot(xs, [r[metric] if lm else 100 * r[metric] for r in epochs], "o-", color="tab:blue", label=what)
+    if lm:
+        ax.set_yscale("log")
     ax.set_xlabel("epoch")
-    ax.set_ylabel("val accuracy (%)", color="tab:blue")
+    ax.set_ylabel(what, color="tab:blue")
     ax2 = ax.twinx()
     ax2.plot(xs, [r["flops"] / 1e6 for r in epochs], "s--", color="tab:red", label="MFLOPs / image")
     dense = next((r.get("dense_flops") for r in epochs if r.get("dense_flops")), None)
@@ -86,10 +91,11 @@ def write_report(run_dir: Path, records: list[dict[str, Any]], widths_before: di
     if dense:
         ax2.axhline(dense / 1e6, color="gray", lw=0.8, ls=":", label="dense")
     ax2.set_ylim(0, 1.08 * max([(dense or 0) / 1e6] + [r["flops"] / 1e6 for r in epochs]) or None)
-    ax2.set_ylabel("forward MFLOPs per image", color="tab:red")
+    ax2.set_ylabel(f"forward MFLOPs per {'sequence' if lm else 'image'}", color="tab:red")
     ax2.legend(loc="lower right", fontsize=8)
     saved = 1 - epochs[-1]["train_flops_share"] if epochs else 0.0
-    ax.set_title(f"accuracy and model cost over training ({saved:.0%} of the dense training FLOPs saved)")
+    ax.set_title(f"{'perplexity' if lm else 'accuracy'} and model cost over training ({saved:.0%} of the dense "
+                 f"training FLOPs saved)")
     fig.tight_layout()
     fig.savefig(run_dir / "training.png", dpi=110)
     plt.close(fig)
@@ -109,13 +115,15 @@ def write_report(run_dir: Path, records: list[dict[str, Any]], widths_before: di
 
     lines = ["# PruneTrain report", ""]
     lines += [f"- {k}: {v}" for k, v in summary.items()]
-    lines += ["", "![accuracy and FLOPs](training.png)", "", "![layer widths](widths.png)", "",
-              "| epoch | train loss | val acc | FLOPs/img | schedule | train FLOPs (cum.) | share of dense | saved so far "
+    val_head = "val loss | val ppl | FLOPs/seq" if lm else "val acc | FLOPs/img"
+    lines += ["", f"![{'perplexity' if lm else 'accuracy'} and FLOPs](training.png)", "", "![layer widths](widths.png)",
+              "", f"| epoch | train loss | {val_head} | schedule | train FLOPs (cum.) | share of dense | saved so far "
               "| time (s) |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if lm else "")]
     for r in epochs:
         goal = f"{r['scheduled_flops'] / 1e6:.1f} M" if r.get("scheduled_flops") else "-"
-        lines.append(f"| {r['epoch']} | {r['train_loss']:.4f} | {100 * r['val_acc']:.2f}% | {r['flops'] / 1e6:.1f} M | "
+        val = f"{r['val_loss']:.4f} | {r['val_ppl']:.2f}" if lm else f"{100 * r['val_acc']:.2f}%"
+        lines.append(f"| {r['epoch']} | {r['train_loss']:.4f} | {val} | {r['flops'] / 1e6:.1f} M | "
                      f"{goal} | {r['train_flops'] / 1e12:.3f} T | {100 * r['train_flops_share']:.1f}% | "
                      f"{100 * (1 - r['train_flops_share']):.1f}% | {r['seconds']:.1f} |")
     path = run_dir / "report.md"
