@@ -124,6 +124,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     _, analysis, inputs, seconds = load_and_trace(args)
     info = summary(analysis, seconds)
+    if args.draw:  # before --verify, which shrinks the model
+        from ptgraph.draw import draw
+
+        info["drawing"] = str(draw(analysis, args.draw))
     ok = True
     if args.verify:
         exercise_zero_params(analysis.graph.module, args.seed)
@@ -146,6 +150,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=1, default=str))
     else:
         _print_report(info, args.model)
+        if args.draw:
+            print(f"drawing: {info['drawing']}")
     return 0 if ok else 1
 
 
@@ -326,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prune a random share of every exact group and check shrink against mask")
     p.add_argument("--ratio", type=float, default=0.3, help="share of channels --verify drops (default: 0.3)")
     p.add_argument("--onnx", action="store_true", help="with --verify: also export the shrunk model and check it in onnxruntime")
+    p.add_argument("--draw", default=None, metavar="FILE",
+                   help="draw the graph coloured by channel group, frozen ones marked, to FILE (.svg, .png or .pdf)")
     p.set_defaults(run=cmd_analyze)
     p = sub.add_parser("export", help="export a pruned run (or a model spec) to ONNX, checked against onnxruntime")
     p.add_argument("source", nargs="?", default=None, help="a prune-train run directory or its checkpoint.pt")
