@@ -192,6 +192,9 @@ class Run:
                 self._calibrate(loss)
             total = loss if self.cfg.dense else loss + self.pt.penalty(loss)
         self.scaler.scale(total).backward()
+        if self.task.clip_norm is not None:  # transformers: one large gradient must not throw the weights off
+            self.scaler.unscale_(self.opt)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.task.clip_norm)
         self.scaler.step(self.opt)
         self.scaler.update()
         self.opt.zero_grad(set_to_none=True)

@@ -34,6 +34,8 @@ def logits(out: Any) -> torch.Tensor:
 class Task:
     """The loss and the validation figures of one kind of data; the loop calls only these."""
 
+    clip_norm: float | None = None  # gradient norm clipped to this before each step (None: no clipping)
+
     def model_spec(self, spec: str) -> str:
         """The spec to build: classification fills in the data's class count."""
         return spec
@@ -128,6 +130,7 @@ class NextToken(Task):
     train_tokens: np.ndarray | None = None
     val_tokens: np.ndarray | None = None
     block: int = 0  # set by fit
+    clip_norm: float | None = 1.0  # as nanoGPT: SGD at TOKENS_LR diverged unclipped once the lasso shrank the MLPs
 
     def fit(self, data: "DataSets", model: nn.Module, block_size: int | None) -> tuple["DataSets", tuple[torch.Tensor]]:
         from ptgraph.trainers.tokens import VAL_BLOCKS, TokenBlocks
