@@ -106,6 +106,7 @@ def test_target_flops_on_the_tiny_gpt_is_reached_and_exports(capsys, tmp_path):
 @pytest.mark.parametrize("setup, extra, words", [
     (lambda d: d.mkdir(), [], "train.bin does not exist"),
     (lambda d: _write(d, np.arange(10), np.arange(100)), [], "too few for one block of 32"),
+    (lambda d: (_write(d, np.arange(100), np.arange(100)), (d / "val.bin").write_bytes(b"abc")), [], "odd number of bytes"),
     (lambda d: _write(d, np.arange(400), np.arange(100)), [], "ids up to 399 but the model's embedding has 256 rows"),
     (lambda d: _write(d, np.arange(100), np.arange(100)), ["--block-size", "64"], "longer than the model's block_size 32"),
 ])

@@ -29,8 +29,10 @@ def read_tokens(path: Path) -> np.ndarray:
         raise UserError(f"token file {path} does not exist; --data tokens:PATH needs PATH/train.bin and PATH/val.bin "
                         f"(flat uint16 token ids, as nanoGPT's prepare.py writes them)")
     size = path.stat().st_size
-    if size < 4 or size % 2:
-        raise UserError(f"{path} holds {size} bytes, not a list of uint16 token ids; write it with "
+    if size == 0:
+        raise UserError(f"{path} is empty; write the token ids into it with np.array(ids, dtype=np.uint16).tofile(...)")
+    if size % 2:
+        raise UserError(f"{path} holds an odd number of bytes ({size}), so not uint16 token ids; write it with "
                         f"np.array(ids, dtype=np.uint16).tofile('{path.name}')")
     return np.memmap(path, dtype=np.uint16, mode="r")
 
@@ -94,6 +96,8 @@ class TokenBlocks(Dataset):
         return rows[:, :-1], rows[:, 1:]
 
     def batches(self, batch: int, rank: int, world: int, shuffle: bool, seed: int) -> "TokenBatches":
+        """One epoch's batches for this rank: random blocks (shuffle) or the consecutive ones; the loop calls this
+        instead of building a DataLoader."""
         return TokenBatches(self, batch, rank, world, shuffle, seed)
 
 
