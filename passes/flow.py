@@ -32,6 +32,7 @@ class ChannelFlow:
     module_fixes: list[OnShrink]  # module attributes (in_channels, num_features, ...)
     graph_rewrites: list[OnShrink]  # constants in the graph (reshape sizes, split sections, ...)
     canonical: dict[str, str] = field(default_factory=dict)  # tied parameters -> one name
+    hints: dict[str, Any] = field(default_factory=dict)  # whole-graph facts a rule computes once (head axes)
     alive: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
 
     def count(self, ids: np.ndarray) -> int:
@@ -52,18 +53,20 @@ def _current(t: NodeType, shape: Any, count: Counter) -> Any:
 class Context:
     """What a rule sees: its node, the node's module, argument types and shapes, and the space."""
 
-    def __init__(self, flow: ChannelFlow, node: fx.Node) -> None:
+    def __init__(self, flow: ChannelFlow, node: fx.Node, module: nn.Module | None = None) -> None:
         self.flow = flow
         self.space = flow.space
         self.node = node
-        self.module: nn.Module | None = (
-            flow.graph.module.get_submodule(node.target) if node.op == "call_module" else None
-        )
+        if module is None and node.op == "call_module":  # run_flow passes it: get_submodule costs 50 us
+            module = flow.graph.module.get_submodule(node.target)
+        self.module: nn.Module | None = module
 
     # -- arguments ---------------------------------------------------------------------------
     def arg(self, index: int, name: str | None = None, default: Any = None) -> Any:
         if index < len(self.node.args):
             return self.node.args[index]
+        if name == "input" and "self" in self.node.kwargs:  # ATen schemas call the first tensor `self`
+            return self.node.kwargs["self"]
         return self.node.kwargs.get(name, default) if name else default
 
     def type_of(self, value: Any) -> TensorType:
@@ -187,10 +190,12 @@ Rule = Callable[[Context], NodeType]
 
 def run_flow(graph: Graph, rules: Callable[[fx.Node, nn.Module | None], Rule | None]) -> ChannelFlow:
     """Run the rules over every node in order and return the analysis state."""
-    flow = ChannelFlow(graph, ChannelSpace(), {}, {}, [], [], _canonical_names(graph.module))
+    named = list(graph.module.named_modules(remove_duplicate=False))
+    modules = dict(named)
+    flow = ChannelFlow(graph, ChannelSpace(), {}, {}, [], [], _canonical_names(graph.module, named))
     ignored = set(graph.ignored)
     for node in graph.module.graph.nodes:
-        ctx = Context(flow, node)
+        ctx = Context(flow, node, modules.get(node.target) if node.op == "call_module" else None)
         if node.op == "placeholder":
             flow.types[node] = _untyped(node.meta.get("shape"))
         elif node.op == "get_attr":
@@ -209,15 +214,24 @@ def run_flow(graph: Graph, rules: Callable[[fx.Node, nn.Module | None], Rule | N
                 flow.types[node] = freeze_everything(ctx)
             else:
                 flow.types[node] = rule(ctx)
+    for name, axes in flow.param_axes.items():  # an exported graph has no module nodes to ignore
+        if any(name.startswith(prefix + ".") for prefix in ignored):
+            for ids in axes.values():
+                flow.space.freeze(ids, f"ignored by the user ('{name}')")
     flow.alive = np.ones(len(flow.space), dtype=bool)
     return flow
 
 
-def _canonical_names(module: nn.Module) -> dict[str, str]:
-    """Every name of a tied (shared) tensor maps to its first name, so it is sliced once."""
+def _canonical_names(module: nn.Module, named: list[tuple[str, nn.Module]] | None = None) -> dict[str, str]:
+    """Every name of a tied (shared) tensor maps to its first name, so it is sliced once. The order of
+    named_parameters then named_buffers (remove_duplicate=False), from one walk over the modules."""
+    named = list(module.named_modules(remove_duplicate=False)) if named is None else named
     first: dict[int, str] = {}
     out = {}
-    tensors = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
-    for name, t in tensors:
-        out[name] = first.setdefault(id(t), name)
+    for table in ("_parameters", "_buffers"):
+        for prefix, m in named:
+            for k, t in getattr(m, table).items():
+                if t is not None:
+                    name = f"{prefix}.{k}" if prefix else k
+                    out[name] = first.setdefault(id(t), name)
     return out

@@ -28,6 +28,21 @@ def _shape(n: object) -> tuple | None:
     return n.meta.get("shape") if isinstance(n, fx.Node) else None
 
 
+def _aten(*names: str) -> set:
+    from ptgraph.passes.rules import aten
+
+    return set(aten(*names))
+
+
+# torch-level functions (fx capture) and their ATen overloads (export capture)
+_WEIGHTED = {F.conv1d, F.conv2d, F.conv3d, F.linear} | _aten(
+    "conv1d.default", "conv2d.default", "conv3d.default", "conv1d.padding", "conv2d.padding", "conv3d.padding",
+    "linear.default")
+_MATMULS = {torch.matmul, operator.matmul, torch.bmm} | _aten("matmul.default", "bmm.default", "mm.default")
+_ADDMM = {torch.addmm} | _aten("addmm.default")
+_SDPA = {F.scaled_dot_product_attention} | _aten("scaled_dot_product_attention.default")
+
+
 def node_flops(gm: fx.GraphModule, node: fx.Node) -> int:
     out = node.meta.get("shape")
     if node.op == "call_module":
@@ -44,13 +59,16 @@ def node_flops(gm: fx.GraphModule, node: fx.Node) -> int:
             length = q[0] if q and not m.batch_first else (q[1] if len(q) > 1 else 1)
             return 2 * tokens * e * 4 * e + 4 * tokens * length * e
     if node.op == "call_function":
-        if node.target in (F.conv1d, F.conv2d, F.conv3d, F.linear):
+        if node.target in _WEIGHTED:
             w = _shape(node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")) or (0,)
             return 2 * _numel(out) * math.prod(w[1:])
-        if node.target in (torch.matmul, operator.matmul, torch.bmm):
+        if node.target in _MATMULS:
             a = _shape(node.args[0] if node.args else node.kwargs.get("input")) or (0,)
             return 2 * _numel(out) * a[-1]
-        if node.target is F.scaled_dot_product_attention:
+        if node.target in _ADDMM:
+            a = _shape(node.args[1] if len(node.args) > 1 else node.kwargs.get("mat1")) or (0,)
+            return 2 * _numel(out) * a[-1]
+        if node.target in _SDPA:
             q, k = _shape(node.args[0]) or (0,), _shape(node.args[1]) or (0, 0)
             return 4 * _numel(q) * k[-2]
     if node.op == "call_method" and node.target in ("matmul", "bmm"):

@@ -1,6 +1,7 @@
 """The IR: a torch.fx GraphModule with shapes on its nodes, traced in the mode the model trains in."""
 from __future__ import annotations
 
+import collections
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -10,6 +11,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.fx import traceback as fx_traceback
 
 from ptgraph.errors import UserError
 from ptgraph.shapes import propagate_shapes
@@ -31,6 +33,9 @@ def _leaf_classes() -> set[str]:
     return LEAF_CLASSES
 
 
+_PLAIN = {int, float, bool, str, type(None)}
+
+
 class _FallbackTracer(fx.Tracer):
     """Traces through every module it can; a submodule whose forward cannot be traced becomes a leaf.
 
@@ -43,15 +48,53 @@ class _FallbackTracer(fx.Tracer):
         self.leaf_names = leaf_names
         self.leaf_types = leaf_types
         self.fallbacks: dict[str, str] = {}
+        self._leaf_by_type: dict[type, bool] = {}
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if qualname in self.leaf_names or qualname in self.fallbacks:
             return True
+        leaf = self._leaf_by_type.get(type(m))  # the rest depends on the class only: asked twice per call
+        if leaf is None:
+            leaf = self._leaf_by_type[type(m)] = self._leaf_type(m, qualname)
+        return leaf
+
+    def _leaf_type(self, m: nn.Module, qualname: str) -> bool:
         if self.leaf_types and isinstance(m, self.leaf_types):
             return True
         if _qualname(type(m)) in _MODE_DEPENDENT or _qualname(type(m)) in _leaf_classes():
             return True
         return super().is_leaf_module(m, qualname)
+
+    # Speed only (a quarter of the trace): the two methods below return exactly what fx's would.
+    def create_arg(self, a: Any) -> Any:
+        """Proxies, plain constants and plain tuples/lists of them skip fx's chain of isinstance checks
+        (parameter, buffer, module, named tuple, constant tensor, opaque type), which none of them is."""
+        t = type(a)
+        if t is fx.Proxy:
+            return a.node
+        if t in _PLAIN:
+            return a
+        if t is tuple:
+            return tuple([self.create_arg(x) for x in a])
+        if t is list:
+            return [self.create_arg(x) for x in a]
+        if t is dict and not a:
+            return {}
+        return super().create_arg(a)
+
+    def create_node(self, kind: str, target: Any, args: tuple, kwargs: dict, name: str | None = None,
+                    type_expr: Any | None = None) -> fx.Node:
+        """fx records the module stack with copy.copy (the slow generic path); OrderedDict.copy gives the same."""
+        stack = self.module_stack
+        if not stack or fx_traceback.has_preserved_node_meta():
+            return super().create_node(kind, target, args, kwargs, name, type_expr)
+        self.module_stack = collections.OrderedDict()  # seen empty: fx records nothing
+        try:
+            node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        finally:
+            self.module_stack = stack
+        node.meta["nn_module_stack"] = stack.copy()
+        return node
 
     def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
         qualname = self.path_of_module(m)
@@ -118,8 +161,8 @@ def _nodes_after(graph: fx.Graph, last: fx.Node) -> list[fx.Node]:
 class Graph:
     """A traced model: `module` is the fx GraphModule (the model to train and export from now on).
 
-    Its submodules are the user's own module objects, so shrinking them shows in the original
-    model too. `leaves` names the submodules that could not be traced (and why); `ignored`
+    Its submodules (fx capture) or its parameters (export capture) are the user's own objects, so
+    shrinking them shows in the original model too. `leaves` names the submodules that could not be traced (and why); `ignored`
     the ones the user asked to leave alone.
     """
 
@@ -127,6 +170,7 @@ class Graph:
     example_inputs: tuple
     leaves: dict[str, str] = field(default_factory=dict)
     ignored: tuple[str, ...] = ()
+    capture: str = "fx"  # "fx": symbolic trace of the user's modules; "export": torch.export's ATen graph
 
     @property
     def nodes(self) -> list[fx.Node]:
@@ -147,15 +191,23 @@ def trace(
     example_inputs: Any,
     leaf_modules: Iterable[str | type] = (),
     ignore: Iterable[str] = (),
+    capture: str = "auto",
 ) -> Graph:
-    """Trace `model` symbolically in its current mode (train or eval) and record every node's shape.
+    """Capture `model` as a graph in its current mode (train or eval) and record every node's shape.
 
-    `leaf_modules`: module names or types to keep as single nodes. `ignore`: module names whose
-    channels must never be pruned (they are kept as leaves too). Submodules that fx cannot trace
-    become leaves with a one-line warning; only an untraceable top level is an error.
+    `capture`: "fx" traces symbolically (the user's modules stay the graph's submodules);
+    "export" captures with torch.export (ATen ops over the model's parameters: for forwards with
+    Python control flow fx cannot follow, such as Hugging Face transformers); "auto" (default)
+    uses fx when it sees the whole model and torch.export when fx would have to keep some
+    submodules as frozen leaves or cannot trace the top level at all.
+    `leaf_modules`: module names or types to keep as single nodes (fx only). `ignore`: module
+    names whose channels must never be pruned.
     """
+    if capture not in ("auto", "fx", "export"):
+        raise UserError(f"capture '{capture}' is not one of auto, fx, export; pass capture='auto' to let ptgraph choose")
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
+    leaf_modules = tuple(leaf_modules)
     names = {m for m in leaf_modules if isinstance(m, str)}
     types = tuple(m for m in leaf_modules if isinstance(m, type))
     ignore = tuple(ignore)
@@ -163,20 +215,61 @@ def trace(
     for name in (*names, *ignore):
         if name not in known:
             raise UserError(f"module '{name}' is not in the model; use a name from model.named_modules() (for example '{next(iter(k for k in known if k), '')}')")
+    if capture == "export":
+        return _with_shapes(_exported(model, example_inputs), example_inputs, {}, ignore, "export")
+    try:
+        gm, fallbacks = _fx_capture(model, names, types, ignore)
+    except _Untraceable as e:
+        if capture == "fx":
+            raise UserError(f"torch.fx cannot trace the top level of {type(model).__name__} ({e}); {_FIX}") from e
+        try:
+            exported = _exported(model, example_inputs)
+        except UserError as export_error:
+            raise UserError(f"neither torch.fx nor torch.export can trace the top level of {type(model).__name__} "
+                            f"(fx: {e}); {_FIX}") from export_error
+        return _with_shapes(exported, example_inputs, {}, ignore, "export")
+    if fallbacks and capture == "auto" and not leaf_modules:
+        try:
+            return _with_shapes(_exported(model, example_inputs), example_inputs, {}, ignore, "export")
+        except UserError:
+            pass  # keep the symbolic trace with its leaves
+    for name, reason in fallbacks.items():
+        warnings.warn(f"ptgraph: traced '{name}' as a leaf, its channels are frozen ({reason})", stacklevel=2)
+    return _with_shapes(gm, example_inputs, fallbacks, ignore, "fx")
+
+
+_FIX = "make its forward free of data-dependent Python control flow, or wrap that part in a submodule"
+
+
+class _Untraceable(Exception):
+    """fx could not trace the top level (the message is the first line of why)."""
+
+
+def _fx_capture(model: nn.Module, names: set[str], types: tuple[type, ...],
+                ignore: tuple[str, ...]) -> tuple[fx.GraphModule, dict[str, str]]:
     tracer = _FallbackTracer(names | set(ignore), types)
     try:
         graph = tracer.trace(model)
     except Exception as e:  # noqa: BLE001
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(
-            f"torch.fx cannot trace the top level of {type(model).__name__} ({first}); "
-            f"make its forward free of data-dependent Python control flow, or wrap that part in a submodule"
-        ) from e
+        raise _Untraceable(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     gm.training = model.training
     _unbake_dropout(gm)
-    for name, reason in tracer.fallbacks.items():
-        warnings.warn(f"ptgraph: traced '{name}' as a leaf, its channels are frozen ({reason})", stacklevel=2)
+    return gm, dict(tracer.fallbacks)
+
+
+def _exported(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
+    from ptgraph.export_capture import export_module
+
+    try:
+        return export_module(model, example_inputs)
+    except Exception as e:  # noqa: BLE001
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"torch.export cannot capture {type(model).__name__} ({first}); {_FIX}") from e
+
+
+def _with_shapes(gm: fx.GraphModule, example_inputs: tuple, leaves: dict[str, str], ignore: tuple[str, ...],
+                 capture: str) -> Graph:
     try:
         propagate_shapes(gm, example_inputs)
     except Exception as e:  # noqa: BLE001
@@ -185,4 +278,4 @@ def trace(
         raise UserError(
             f"the model does not run on inputs of shape {shapes} ({first}); pass the input shape it expects with --input-shape"
         ) from e
-    return Graph(gm, example_inputs, dict(tracer.fallbacks), ignore)
+    return Graph(gm, example_inputs, leaves, ignore, capture)

@@ -241,7 +241,7 @@ class PruneTrain:
 
     def _checked(self, plan: PrunePlan) -> PrunePlan:
         """Before a shrink is kept, a copy shrunk by the plan must compute what a copy masked by it computes
-        (eval mode, the example inputs). On a mismatch the groups that cause it (tried one by one) are dropped
+        (eval mode, the example inputs; for inexact groups: must run). On a mismatch the groups that cause it (tried one by one) are dropped
         from the plan and frozen; `check_note` names them."""
         self.check_note = None
         if not self.self_check or not plan.keep:
@@ -249,10 +249,21 @@ class PruneTrain:
         start = time.perf_counter()
         device = next(self.model.parameters()).device
         probe = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in self.probe)
+        exact = {g.id for g in self.analysis.groups if g.exact}
         tolerance = tolerance_for(self.model)
-        err = shrink_error(self.graph, plan, probe)
-        if err > tolerance:
-            bad = [g for g, keep in plan.keep.items() if shrink_error(self.graph, PrunePlan({g: keep}), probe) > tolerance]
+
+        def wrong(p: PrunePlan) -> float:
+            """The error that fails the check, or 0: exact groups must match the mask; an inexact group
+            (normalisation statistics) cannot, so its shrunk model only has to run."""
+            checked = PrunePlan({g: k for g, k in p.keep.items() if g in exact})
+            err = shrink_error(self.graph, checked, probe) if checked.keep else 0.0
+            if err <= tolerance and len(checked.keep) < len(p.keep) and shrink_error(self.graph, p, probe) == float("inf"):
+                err = float("inf")
+            return err if err > tolerance else 0.0
+
+        err = wrong(plan)
+        if err:
+            bad = [g for g, keep in plan.keep.items() if wrong(PrunePlan({g: keep}))]
             bad = bad or list(plan.keep)
             self.frozen.update(bad)
             self._index = None

@@ -1,6 +1,7 @@
 """The op-rule table: one op family per file; supporting a new op is one registered rule.
 
-Keys: a function (torch.cat, F.conv2d, operator.add), a Tensor method name ("view"), or an
+Keys: a function (torch.cat, F.conv2d, operator.add), an ATen overload (aten.linear.default, in
+graphs captured by torch.export; `aten("linear.default")`), a Tensor method name ("view"), or an
 nn.Module class (nn.Conv2d). A module subclass uses its parent's rule only if it keeps the
 parent's forward. Nodes with no rule freeze every channel they touch.
 
@@ -35,6 +36,20 @@ def rule(*targets: Any) -> Callable[[Rule], Rule]:
         return fn
 
     return register
+
+
+def aten(*names: str) -> list[Any]:
+    """ATen overloads by name ("linear.default"), for a family file to register beside its torch-level
+    targets (the graph torch.export captures calls these); names this torch does not have are skipped."""
+    import torch
+
+    found = []
+    for name in names:
+        packet, _, overload = name.partition(".")
+        op = getattr(getattr(torch.ops.aten, packet, None), overload or "default", None)
+        if op is not None:
+            found.append(op)
+    return found
 
 
 def leaf_rule(*qualnames: str) -> Callable[[Rule], Rule]:

@@ -4,19 +4,29 @@ A contraction couples the two operands' contracted channels (q·k over the head 
 parameter-free contraction of pruned channels is exact only if they are zero, which a mask
 does not guarantee for every producer, so contracted channels are marked inexact.
 nn.MultiheadAttention keeps one embed_dim for its input, its heads and its output, so its
-embedding channels are frozen; the MLPs around it stay prunable.
+embedding channels are frozen under fx; the MLPs around it stay prunable.
+
+Heads: a projection's output reshaped to (..., heads, head_dim) before an attention op would by
+default be tracked by head_dim (every head loses the same dims: inexact, since the scores scale
+by 1/sqrt(head_dim), and rotary embeddings pair dims). `head_axes` finds those reshapes by walking
+back from each attention op's head axis, and the reshape rule then tracks the heads instead:
+whole heads go, which is exact, and the rotary and scaling arithmetic within a head is untouched.
+A grouped-query kv head couples its group of q heads (through repeat_kv's expand + reshape, or
+sdpa's enable_gqa).
 """
 from __future__ import annotations
 
 import operator
 
+import numpy as np
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
 from ptgraph.channels import TensorType
-from ptgraph.passes.flow import Context, NodeType, freeze_everything
-from ptgraph.passes.rules import rule
+from ptgraph.passes.flow import ChannelFlow, Context, NodeType, freeze_everything
+from ptgraph.passes.rules import aten, lookup, rule
 from ptgraph.passes.rules.elementwise import unify_aligned
 
 
@@ -49,34 +59,156 @@ def contract(ctx: Context, a: object, b: object, b_axis: int) -> TensorType:
     return out
 
 
-@rule(torch.matmul, operator.matmul, torch.bmm, "matmul", "bmm")
+_MATMULS = (torch.matmul, operator.matmul, torch.bmm, "matmul", "bmm", *aten("matmul.default", "bmm.default", "mm.default"))
+_SDPA = (F.scaled_dot_product_attention, *aten("scaled_dot_product_attention.default"))
+
+
+@rule(*_MATMULS)
 def matmul(ctx: Context) -> NodeType:
     return contract(ctx, ctx.arg(0, "input"), ctx.arg(1, "other", ctx.arg(1, "mat2")), -2)
 
 
-@rule(F.scaled_dot_product_attention)
+@rule(*_SDPA)
 def sdpa(ctx: Context) -> NodeType:
-    q, k, v = ctx.arg(0, "query"), ctx.arg(1, "key"), ctx.arg(2, "value")
-    if ctx.arg(3, "attn_mask") is not None or not all(isinstance(ctx.shape_of(x), tuple) for x in (q, k, v)):
+    """softmax(q k^T * scale + mask) v over (..., heads, seq, dim): batch and head axes of q, k, v and the
+    mask are unified like an elementwise op's; the head dim is a contraction; the sequence axes stay."""
+    q, k, v, mask = ctx.arg(0, "query"), ctx.arg(1, "key"), ctx.arg(2, "value"), ctx.arg(3, "attn_mask")
+    shapes = [ctx.shape_of(x) for x in (q, k, v)]
+    if any(s is None or len(s) < 2 for s in shapes) or len({len(s) for s in shapes}) > 1:
         return freeze_everything(ctx)
-    scores = contract(ctx, q, k, -1)  # q @ k^T over the head dim
-    last = len(ctx.shape_of(q)) - 1
-    tq = ctx.type_of(q)
-    if last in tq:
-        ctx.inexact(tq[last], f"{ctx.node.name} scales by 1/sqrt(head dim)")
-    if len(ctx.shape_of(q)) - 2 in tq:
-        ctx.freeze(tq[len(ctx.shape_of(q)) - 2], f"{ctx.node.name}: channels on the sequence axis")
-    tv = ctx.type_of(v)
-    out = {a: ids for a, ids in scores.items() if a < last - 1}
-    vlast = len(ctx.shape_of(v)) - 1
-    for a, ids in tv.items():
-        if a == vlast:
-            out[last] = ids
-        elif a == vlast - 1:
-            ctx.freeze(ids, f"{ctx.node.name}: channels on the sequence axis")
+    sq, sk, sv = shapes
+    nd = len(sq)
+    tq, tk, tv = (dict(ctx.type_of(x)) for x in (q, k, v))
+    if nd >= 3 and sk[nd - 3] != sq[nd - 3]:  # grouped-query attention: each kv head serves n_rep q heads
+        n_rep = sq[nd - 3] // sk[nd - 3]
+        for t in (tk, tv):
+            if nd - 3 in t:
+                t[nd - 3] = np.repeat(t[nd - 3], n_rep)
+        sk, sv = (s[:nd - 3] + (sq[nd - 3],) + s[nd - 2:] for s in (sk, sv))
+    for t in (tq, tk, tv):
+        if nd - 2 in t:
+            ctx.freeze(t.pop(nd - 2), f"{ctx.node.name}: channels on the sequence axis")
+    if nd - 1 in tq and nd - 1 in tk:
+        ctx.unify(tq[nd - 1], tk[nd - 1])
+        ctx.inexact(tq[nd - 1], f"{ctx.node.name}: head dim contracted and scaled by 1/sqrt(head dim)")
+    elif nd - 1 in tq or nd - 1 in tk:
+        ctx.freeze(tq.get(nd - 1, tk.get(nd - 1)), f"{ctx.node.name}: q and k dims of different origin")
+    aligned = [(tq, sq), (tk, sk), (tv, sv)]
+    ms = ctx.shape_of(mask) if isinstance(mask, fx.Node) else None
+    if ms:
+        tm = {a + nd - len(ms): ids for a, ids in ctx.type_of(mask).items()}
+        for a in (nd - 2, nd - 1):
+            if a in tm:
+                ctx.freeze(tm.pop(a), f"{ctx.node.name}: channels on the mask's sequence axes")
+        aligned.append((tm, (1,) * (nd - len(ms)) + ms))
+    out = unify_aligned(ctx, aligned, ctx.out_shape, frozenset({nd - 2, nd - 1}))
+    if nd - 1 in tv:
+        out[nd - 1] = tv[nd - 1]
     return out
 
 
 @rule(nn.MultiheadAttention)
 def multihead_attention(ctx: Context) -> NodeType:
     return freeze_everything(ctx, f"nn.MultiheadAttention keeps embed_dim fixed ('{ctx.node.target}')")
+
+
+def head_axes(flow: ChannelFlow) -> dict[fx.Node, int]:
+    """Reshape node -> the output axis that holds an attention op's heads, for every reshape that splits
+    channels into (heads, head dim) on the way to an attention op. Computed once per graph."""
+    if "head_axes" not in flow.hints:
+        gm = flow.graph.module
+        found: dict[fx.Node, int] = {}
+        for node in gm.graph.nodes:
+            for operand in _attention_operands(node):
+                _walk_back(gm, operand, len(operand.meta["shape"]) - 3, found)
+        flow.hints["head_axes"] = found
+    return flow.hints["head_axes"]
+
+
+def _attention_operands(node: fx.Node) -> list[fx.Node]:
+    """The operands of an attention op whose axis -3 is the head axis (4-D and up)."""
+    if node.op not in ("call_function", "call_method"):
+        return []
+    if node.target in _SDPA:
+        operands = list(node.args[:3])
+    elif node.target in _MATMULS:
+        operands = list(node.args[:2])
+    else:
+        return []
+    if all(isinstance(x, fx.Node) and _shape(x) is not None and len(_shape(x)) >= 4 for x in operands):
+        return operands
+    return []
+
+
+def _shape(node: object) -> tuple | None:
+    s = node.meta.get("shape") if isinstance(node, fx.Node) else None
+    return s if isinstance(s, tuple) and all(isinstance(d, int) for d in s) else None
+
+
+def _walk_back(gm: fx.GraphModule, start: fx.Node, start_axis: int, found: dict[fx.Node, int]) -> None:
+    """Follow one axis upstream through ops that keep it (elementwise, transposes, slices, merges) to the
+    reshape that created it by a split; record that reshape with the axis."""
+    from ptgraph.passes.rules import elementwise as ew, reduce, shape, slicing
+
+    keeps_axes = {ew.unary, ew.nary, reduce.softmax, slicing.cat, slicing.slice_tensor, slicing.narrow, shape.expand}
+    stack, seen = [(start, start_axis)], set()
+    while stack:
+        node, axis = stack.pop()
+        out = _shape(node)
+        if (node, axis) in seen or out is None or node.op not in ("call_function", "call_method", "call_module"):
+            continue
+        seen.add((node, axis))
+        module = gm.get_submodule(node.target) if node.op == "call_module" else None
+        rule_fn = lookup(node, module)
+        x = node.args[0] if node.args else None
+        if rule_fn in (shape.view, shape.unflatten, shape.reshape_by_shapes) and _shape(x) is not None:
+            blocks = shape._blocks(_shape(x), out) or []
+            for ins, outs in blocks:
+                if axis not in outs:
+                    continue
+                if len(ins) == 1 and len(outs) > 1 and rule_fn is not shape.reshape_by_shapes:
+                    found[node] = axis
+                elif len(outs) == 1:
+                    stack.append((x, next((i for i in ins if _shape(x)[i] > 1), ins[0])))
+        elif rule_fn in (shape.permute, shape.transpose):
+            perm = _permutation(node, len(out))
+            if perm is not None:
+                stack.append((x, perm[axis]))
+        elif rule_fn is slicing.getitem and isinstance(x, fx.Node) and isinstance(node.args[1], int):
+            src_rule = lookup(x, gm.get_submodule(x.target) if x.op == "call_module" else None)
+            if src_rule is slicing.split and _shape(x.args[0]) is not None:
+                src = x.args[0]
+                if len(_shape(src)) > len(out):  # unbind: the split axis is gone
+                    d = x.args[1] if len(x.args) > 1 else x.kwargs.get("dim", 0)
+                    d = d % len(_shape(src))
+                    stack.append((src, axis + (axis >= d)))
+                else:
+                    stack.append((src, axis))
+        elif rule_fn in keeps_axes:
+            for inp in node.all_input_nodes:
+                s = _shape(inp)
+                a = axis - (len(out) - len(s)) if s is not None else -1
+                if s is not None and 0 <= a < len(s) and s[a] == out[axis]:
+                    stack.append((inp, a))
+
+
+def _permutation(node: fx.Node, nd: int) -> list[int] | None:
+    """For a permute/transpose node: out axis -> in axis."""
+    from ptgraph.passes.rules import shape
+
+    if node.target in shape._T:
+        perm = list(range(nd))
+        perm[-1], perm[-2] = perm[-2], perm[-1]
+        return perm
+    if node.target in shape._MOVEDIM:
+        return None
+    if lookup(node, None) is shape.permute:
+        dims = node.args[1:] if len(node.args) > 2 else (node.args[1] if len(node.args) > 1 else node.kwargs.get("dims"))
+        return [d % nd for d in dims] if all(isinstance(d, int) for d in dims) else None
+    d0 = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim0")
+    d1 = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim1")
+    if not isinstance(d0, int) or not isinstance(d1, int):
+        return None
+    perm = list(range(nd))
+    perm[d0 % nd], perm[d1 % nd] = perm[d1 % nd], perm[d0 % nd]
+    return perm

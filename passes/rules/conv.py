@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptgraph.passes.flow import Context, Counter, NodeType, freeze_everything, set_arg
-from ptgraph.passes.rules import leaf_rule, rule
+from ptgraph.passes.rules import aten, leaf_rule, rule
 
 
 def conv_types(ctx: Context, x: object, weight: str, bias: str | None, w_shape: tuple, groups: int,
@@ -121,5 +121,7 @@ def _functional(transposed: bool):
     return conv_function
 
 
-rule(F.conv1d, F.conv2d, F.conv3d)(_functional(False))
-rule(F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)(_functional(True))
+rule(F.conv1d, F.conv2d, F.conv3d, *aten("conv1d.default", "conv2d.default", "conv3d.default", "conv1d.padding",
+                                          "conv2d.padding", "conv3d.padding"))(_functional(False))
+rule(F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
+     *aten("conv_transpose1d.default", "conv_transpose2d.input", "conv_transpose3d.input"))(_functional(True))

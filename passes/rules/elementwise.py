@@ -10,7 +10,7 @@ from torch import nn
 
 from ptgraph.channels import TensorType
 from ptgraph.passes.flow import Context, NodeType, freeze_everything
-from ptgraph.passes.rules import leaf_rule, rule
+from ptgraph.passes.rules import aten, leaf_rule, rule
 
 UNARY_FUNCTIONS = [
     torch.relu, torch.relu_, F.relu, F.relu_, F.relu6, F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid,
@@ -31,6 +31,18 @@ UNARY_MODULES = [
     torchvision.ops.StochasticDepth, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
 ]
 
+UNARY_ATEN = aten(
+    "relu.default", "relu_.default", "relu6.default", "gelu.default", "silu.default", "silu_.default", "mish.default",
+    "hardswish.default", "hardsigmoid.default", "hardtanh.default", "hardtanh_.default", "elu.default", "selu.default",
+    "celu.default", "leaky_relu.default", "softplus.default", "sigmoid.default", "tanh.default", "exp.default",
+    "log.default", "sqrt.default", "rsqrt.default", "abs.default", "neg.default", "square.default", "clamp.default",
+    "clamp_min.default", "clamp_max.default", "erf.default", "sin.default", "cos.default", "nan_to_num.default",
+    "reciprocal.default", "dropout.default", "feature_dropout.default", "alpha_dropout.default",
+    "feature_alpha_dropout.default", "contiguous.default", "clone.default", "alias.default", "detach.default",
+    "lift_fresh_copy.default", "to.dtype", "to.dtype_layout", "to.device", "to.other", "_to_copy.default",
+    "type_as.default", "pow.Tensor_Scalar", "zeros_like.default", "ones_like.default", "empty_like.default",
+    "full_like.default",
+)
 
 # Stochastic depth of optional libraries: its forward reads self.training (kept whole, see leaf_rule);
 # a per-sample mask, channel by channel the identity in eval.
@@ -41,7 +53,7 @@ TIMM_ACTIVATIONS = [f"timm.layers.activations.{n}" for n in (
 
 
 @leaf_rule(*MODE_DEPENDENT_UNARY, *TIMM_ACTIVATIONS)
-@rule(*UNARY_FUNCTIONS, *UNARY_METHODS, *UNARY_MODULES)
+@rule(*UNARY_FUNCTIONS, *UNARY_METHODS, *UNARY_MODULES, *UNARY_ATEN)
 def unary(ctx: Context) -> NodeType:
     first = ctx.arg(0, "input")
     if ctx.shape_of(first) == ctx.out_shape:  # other tensor args (type_as, to) only lend a dtype
@@ -103,14 +115,19 @@ BINARY_METHODS = [
     "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "maximum", "minimum", "pow", "where", "addcmul",
     "lerp", "expand_as",
 ]
+BINARY_ATEN = aten(
+    "add.Tensor", "add_.Tensor", "sub.Tensor", "rsub.Tensor", "rsub.Scalar", "mul.Tensor", "mul_.Tensor", "div.Tensor",
+    "div.Tensor_mode", "maximum.default", "minimum.default", "where.self", "pow.Tensor_Tensor", "addcmul.default",
+    "lerp.Scalar", "add.Scalar", "mul.Scalar", "sub.Scalar", "div.Scalar",
+)
 
 
-@rule(*BINARY_FUNCTIONS, *BINARY_METHODS)
+@rule(*BINARY_FUNCTIONS, *BINARY_METHODS, *BINARY_ATEN)
 def nary(ctx: Context) -> NodeType:
     return elementwise(ctx, ctx.tensor_args())
 
 
-@rule(nn.PReLU, F.prelu)
+@rule(nn.PReLU, F.prelu, *aten("prelu.default", "_prelu_kernel.default"))
 def prelu(ctx: Context) -> NodeType:
     x = ctx.arg(0, "input")
     t = ctx.type_of(x)

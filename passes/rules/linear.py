@@ -1,11 +1,12 @@
 """Linear layers and embeddings: features on the last axis; every other axis passes through."""
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ptgraph.passes.flow import Context, Counter, NodeType, freeze_everything
-from ptgraph.passes.rules import rule
+from ptgraph.passes.rules import aten, rule
 
 
 def linear_types(ctx: Context, x: object, weight: str, bias: str | None, w_shape: tuple) -> NodeType:
@@ -33,7 +34,7 @@ def linear_module(ctx: Context) -> NodeType:
     return t
 
 
-@rule(F.linear)
+@rule(F.linear, *aten("linear.default"))
 def linear_function(ctx: Context) -> NodeType:
     w_node, b_node = ctx.arg(1, "weight"), ctx.arg(2, "bias")
     weight, bias = ctx.attr_name(w_node), ctx.attr_name(b_node)
@@ -54,3 +55,30 @@ def embedding(ctx: Context) -> NodeType:
 
     ctx.on_shrink(fix)
     return {nd - 1: out}
+
+
+@rule(torch.addmm, *aten("addmm.default"))
+def addmm(ctx: Context) -> NodeType:
+    """bias + x @ W with W stored (in, out): Hugging Face's Conv1D (GPT-2), as fx or export sees it."""
+    b_node, x, w_node = ctx.arg(0, "input"), ctx.arg(1, "mat1"), ctx.arg(2, "mat2")
+    weight, bias = ctx.attr_name(w_node), ctx.attr_name(b_node)
+    if weight is None or bias is None or len(ctx.shape_of(b_node) or ()) != 1 or ctx.node.kwargs:
+        return freeze_everything(ctx, f"{ctx.node.name}: addmm that is not bias + x @ weight")
+    t = dict(ctx.type_of(x))
+    if 1 in t:
+        ctx.bind(weight, 0, t.pop(1))
+    out = ctx.param_axis(weight, 1, ctx.shape_of(w_node)[1])
+    ctx.bind(bias, 0, out)
+    t[1] = out
+    return t
+
+
+@rule(*aten("embedding.default"))
+def embedding_function(ctx: Context) -> NodeType:
+    """aten.embedding(weight, indices): one row of the table per index, features on the last axis."""
+    w_node = ctx.arg(0, "weight")
+    weight = ctx.attr_name(w_node)
+    if weight is None:
+        return freeze_everything(ctx, f"{ctx.node.name}: an embedding table that is not a parameter")
+    ctx.freeze(ctx.type_of(ctx.arg(1, "indices")), f"{ctx.node.name}: channels used as indices")
+    return {len(ctx.out_shape) - 1: ctx.param_axis(weight, 1, ctx.shape_of(w_node)[1])}

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptgraph.passes.flow import Context, Counter, NodeType, freeze_everything, set_arg
-from ptgraph.passes.rules import RULES, leaf_rule, qualname, rule
+from ptgraph.passes.rules import RULES, aten, leaf_rule, qualname, rule
 
 _PER_CHANNEL = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
                 nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
@@ -40,10 +40,14 @@ def batch_norm_module(ctx: Context) -> NodeType:
     return t
 
 
-@rule(F.batch_norm, F.instance_norm)
+_TORCH_SLOTS = [(1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias")]  # F.batch_norm, F.instance_norm
+_ATEN_SLOTS = [(1, "weight"), (2, "bias"), (3, "running_mean"), (4, "running_var")]  # aten.batch_norm, instance_norm
+
+
+@rule(F.batch_norm, F.instance_norm, *aten("batch_norm.default", "instance_norm.default"))
 def batch_norm_function(ctx: Context) -> NodeType:
     t = dict(ctx.type_of(ctx.arg(0, "input")))
-    slots = [(1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias")]  # same in both signatures
+    slots = _TORCH_SLOTS if ctx.node.target in (F.batch_norm, F.instance_norm) else _ATEN_SLOTS
     nodes = [ctx.arg(i, k) for i, k in slots]
     names = [ctx.attr_name(n) for n in nodes]
     if any(n is not None and name is None for n, name in zip(nodes, names)):
@@ -69,7 +73,7 @@ def _normalized_shape(shape0: tuple, covered: dict, count: Counter) -> tuple:
     return tuple(count(covered[i]) if i in covered else s for i, s in enumerate(shape0))
 
 
-@rule(nn.LayerNorm)
+@rule(nn.LayerNorm, *([nn.RMSNorm] if hasattr(nn, "RMSNorm") else []))
 def layer_norm_module(ctx: Context) -> NodeType:
     m = ctx.module
     names = [ctx.param_name(k) for k in ("weight", "bias") if getattr(m, k, None) is not None]
@@ -83,10 +87,13 @@ def layer_norm_module(ctx: Context) -> NodeType:
     return t
 
 
-@rule(F.layer_norm)
+@rule(F.layer_norm, *aten("layer_norm.default"), *([F.rms_norm] if hasattr(F, "rms_norm") else []),
+      *aten("rms_norm.default"))
 def layer_norm_function(ctx: Context) -> NodeType:
+    """F.layer_norm(x, shape, weight, bias) and F.rms_norm(x, shape, weight): the same binding."""
     shape_arg = ctx.arg(1, "normalized_shape")
-    names = [ctx.attr_name(ctx.arg(i, k)) for i, k in ((2, "weight"), (3, "bias"))]
+    rms = "rms_norm" in str(ctx.node.target)
+    names = [ctx.attr_name(ctx.arg(i, k)) for i, k in (((2, "weight"),) if rms else ((2, "weight"), (3, "bias")))]
     if not isinstance(shape_arg, (tuple, list)) or not all(isinstance(s, int) for s in shape_arg):
         return freeze_everything(ctx, f"{ctx.node.name}: normalized_shape computed at run time")
     shape0 = tuple(shape_arg)
@@ -132,7 +139,7 @@ def group_norm_module(ctx: Context) -> NodeType:
     return t
 
 
-@rule(F.group_norm)
+@rule(F.group_norm, *aten("group_norm.default"))
 def group_norm_function(ctx: Context) -> NodeType:
     groups0 = ctx.arg(1, "num_groups")
     names = [ctx.attr_name(ctx.arg(i, k)) for i, k in ((2, "weight"), (3, "bias"))]

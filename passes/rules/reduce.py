@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptgraph.passes.flow import Context, NodeType, freeze_everything
-from ptgraph.passes.rules import leaf_rule, rule
+from ptgraph.passes.rules import aten, leaf_rule, rule
 
 _SPATIAL = {
     1: [nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d, nn.LPPool1d, F.max_pool1d,
@@ -21,6 +21,10 @@ _SPATIAL = {
     3: [nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d, F.max_pool3d, F.avg_pool3d,
         F.adaptive_avg_pool3d, F.adaptive_max_pool3d],
 }
+for _k in _SPATIAL:
+    _SPATIAL[_k] += aten(*(f"{op}{_k}d{tail}.default" for op in ("max_pool", "avg_pool", "adaptive_avg_pool",
+                                                                "_adaptive_avg_pool", "adaptive_max_pool")
+                           for tail in ("", "_with_indices")))
 
 
 def _spatial(k: int | None):
@@ -45,7 +49,11 @@ for _k, _targets in _SPATIAL.items():
     rule(*_targets)(_spatial(_k))
 # timm's TF "same"-padded pools (padding from the input size at run time: control flow fx cannot trace)
 leaf_rule("timm.layers.pool2d_same.MaxPool2dSame", "timm.layers.pool2d_same.AvgPool2dSame")(_spatial(2))
-rule(F.interpolate, nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, F.pad, "pad")(_spatial(None))
+rule(F.interpolate, nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, F.pad, "pad",
+     *aten("upsample_nearest1d.vec", "upsample_nearest2d.vec", "upsample_nearest3d.vec", "upsample_linear1d.vec",
+           "upsample_bilinear2d.vec", "upsample_bicubic2d.vec", "upsample_trilinear3d.vec", "pad.default",
+           "constant_pad_nd.default", "reflection_pad1d.default", "reflection_pad2d.default",
+           "replication_pad1d.default", "replication_pad2d.default"))(_spatial(None))
 
 
 def _dims(dim: object, nd: int) -> set[int] | None:
@@ -59,12 +67,14 @@ def _dims(dim: object, nd: int) -> set[int] | None:
 
 
 @rule(torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var, torch.logsumexp, torch.nansum,
-      "mean", "sum", "amax", "amin", "std", "var", "logsumexp", "nansum")
+      "mean", "sum", "amax", "amin", "std", "var", "logsumexp", "nansum",
+      *aten("mean.dim", "mean.default", "sum.dim_IntList", "sum.default", "amax.default", "amin.default",
+            "std.correction", "var.correction", "logsumexp.default", "nansum.default"))
 def reduction(ctx: Context) -> NodeType:
     x = ctx.arg(0, "input")
     nd = len(ctx.shape_of(x))
     dims = _dims(ctx.arg(1, "dim"), nd)
-    keep = bool(ctx.arg(2, "keepdim", False))
+    keep = isinstance(ctx.out_shape, tuple) and len(ctx.out_shape) == nd  # keepdim, wherever it was given
     if dims is None or not isinstance(ctx.out_shape, tuple):
         return freeze_everything(ctx)
     t = {}
@@ -77,7 +87,7 @@ def reduction(ctx: Context) -> NodeType:
 
 
 @rule(F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "softmax", "log_softmax", nn.Softmax,
-      nn.LogSoftmax, F.normalize)
+      nn.LogSoftmax, F.normalize, *aten("softmax.int", "_softmax.default", "log_softmax.int", "_log_softmax.default"))
 def softmax(ctx: Context) -> NodeType:
     x = ctx.arg(0, "input")
     t = dict(ctx.type_of(x))

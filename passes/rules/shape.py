@@ -3,8 +3,10 @@
 Reshapes are read from the input and output shapes, split into blocks of axes with equal
 products. A block that merges a tracked axis with untracked ones (flatten C,H,W) repeats each
 channel over the merged positions. A block that splits a tracked axis (channel shuffle, heads)
-keeps the innermost part tracked and couples the outer parts, so a prune keeps a product shape
-the runtime reshape can still express. Literal sizes in the call are rewritten after a shrink.
+keeps one part tracked and couples the others, so a prune keeps a product shape the runtime
+reshape can still express: the innermost part by default, the heads when the split feeds an
+attention op's head axis (rules/attention.py: head_axes). Literal sizes in the call are rewritten
+after a shrink.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from torch import nn
 
 from ptgraph.channels import TensorType
 from ptgraph.passes.flow import Context, Counter, NodeType, freeze_everything
-from ptgraph.passes.rules import rule
+from ptgraph.passes.rules import aten, rule
 
 
 def _blocks(a: tuple, b: tuple) -> list[tuple[list[int], list[int]]] | None:
@@ -40,7 +42,9 @@ def _blocks(a: tuple, b: tuple) -> list[tuple[list[int], list[int]]] | None:
     return out
 
 
-def reshape_type(ctx: Context, t: TensorType, a: tuple, b: tuple) -> TensorType:
+def reshape_type(ctx: Context, t: TensorType, a: tuple, b: tuple, track: int | None = None) -> TensorType:
+    """The output type of reshaping a tensor of shape `a` and type `t` to shape `b`. A tracked axis split
+    into several keeps output axis `track` tracked if it is one of them, else the innermost."""
     blocks = _blocks(a, b)
     if blocks is None:
         ctx.freeze(t)
@@ -61,7 +65,7 @@ def reshape_type(ctx: Context, t: TensorType, a: tuple, b: tuple) -> TensorType:
         if len(outs) == 1:
             out[outs[0]] = np.ascontiguousarray(block)
             continue
-        inner = max(k for k in range(len(outs)) if b[outs[k]] > 1)
+        inner = outs.index(track) if track in outs else max(k for k in range(len(outs)) if b[outs[k]] > 1)
         rows = np.moveaxis(block, inner, -1).reshape(-1, b[outs[inner]])
         if len(rows) > 1:
             ctx.unify(np.broadcast_to(rows[:1], rows[1:].shape), rows[1:])
@@ -91,10 +95,12 @@ def _rewrite_sizes(ctx: Context, out_type: TensorType, arg_index: int) -> None:
     ctx.rewrite(fix)
 
 
-@rule("view", "reshape", torch.reshape)
+@rule("view", "reshape", torch.reshape, *aten("view.default", "reshape.default", "_unsafe_view.default"))
 def view(ctx: Context) -> NodeType:
+    from ptgraph.passes.rules.attention import head_axes
+
     x = ctx.arg(0, "input")
-    t = reshape_type(ctx, ctx.type_of(x), ctx.shape_of(x), ctx.out_shape)
+    t = reshape_type(ctx, ctx.type_of(x), ctx.shape_of(x), ctx.out_shape, head_axes(ctx.flow).get(ctx.node))
     if ctx.node.kwargs:
         ctx.freeze(t, f"{ctx.node.name}: shape given as a keyword")
         return {}
@@ -116,7 +122,8 @@ def reshape_as(ctx: Context) -> NodeType:
 
 
 @rule(torch.flatten, "flatten", nn.Flatten, nn.Unflatten, "unflatten", torch.squeeze, "squeeze", torch.unsqueeze,
-      "unsqueeze", torch.atleast_2d)
+      "unsqueeze", torch.atleast_2d, *aten("flatten.using_ints", "unsqueeze.default", "squeeze.dim", "squeeze.dims",
+                                           "squeeze.default"))
 def reshape_by_shapes(ctx: Context) -> NodeType:
     if isinstance(ctx.arg(2, "sizes"), (tuple, list)) and ctx.node.target in ("unflatten",):
         return freeze_everything(ctx, f"{ctx.node.name}: unflatten with literal sizes")
@@ -130,7 +137,28 @@ def _permuted(ctx: Context, perm: list[int]) -> NodeType:
     return {where[a]: ids for a, ids in t.items()}
 
 
-@rule(torch.permute, "permute")
+@rule(*aten("unflatten.int"))
+def unflatten(ctx: Context) -> NodeType:
+    """aten.unflatten(x, dim, sizes): a reshape whose literal sizes are rewritten like a view's."""
+    from ptgraph.passes.rules.attention import head_axes
+
+    x, d, sizes = ctx.arg(0, "input"), ctx.arg(1, "dim"), ctx.arg(2, "sizes")
+    if not isinstance(d, int) or not isinstance(sizes, (list, tuple)):
+        return freeze_everything(ctx)
+    d %= len(ctx.shape_of(x))
+    t = reshape_type(ctx, ctx.type_of(x), ctx.shape_of(x), ctx.out_shape, head_axes(ctx.flow).get(ctx.node))
+    typed = {a - d: ids for a, ids in t.items() if d <= a < d + len(sizes) and sizes[a - d] != -1}
+    if typed:
+        node = ctx.node
+
+        def fix(count: Counter) -> None:
+            node.update_arg(2, [count(typed[i]) if i in typed else s for i, s in enumerate(sizes)])
+
+        ctx.rewrite(fix)
+    return t
+
+
+@rule(torch.permute, "permute", *aten("permute.default"))
 def permute(ctx: Context) -> NodeType:
     nd = len(ctx.out_shape)
     dims = ctx.node.args[1:] if len(ctx.node.args) > 2 else ctx.arg(1, "dims")
@@ -139,10 +167,14 @@ def permute(ctx: Context) -> NodeType:
     return _permuted(ctx, [d % nd for d in dims])
 
 
-@rule(torch.transpose, "transpose", torch.swapaxes, "swapaxes", torch.movedim, "movedim", "t", torch.t, "mT")
+_T = ("t", torch.t, "mT", *aten("t.default"))
+_MOVEDIM = (torch.movedim, "movedim", *aten("movedim.int"))
+
+
+@rule(torch.transpose, "transpose", torch.swapaxes, "swapaxes", *_T, *_MOVEDIM, *aten("transpose.int", "swapaxes.default"))
 def transpose(ctx: Context) -> NodeType:
     nd = len(ctx.out_shape)
-    if ctx.node.target in ("t", torch.t, "mT"):
+    if ctx.node.target in _T:
         d0, d1 = nd - 2, nd - 1
     else:
         d0, d1 = ctx.arg(1, "dim0"), ctx.arg(2, "dim1")
@@ -150,7 +182,7 @@ def transpose(ctx: Context) -> NodeType:
             return freeze_everything(ctx)
         d0, d1 = d0 % nd, d1 % nd
     perm = list(range(nd))
-    if ctx.node.target in (torch.movedim, "movedim"):
+    if ctx.node.target in _MOVEDIM:
         perm.remove(d0)
         perm.insert(d1, d0)
     else:
@@ -158,7 +190,7 @@ def transpose(ctx: Context) -> NodeType:
     return _permuted(ctx, perm)
 
 
-@rule("expand")
+@rule("expand", *aten("expand.default"))
 def expand(ctx: Context) -> NodeType:
     x = ctx.arg(0, "input")
     off = len(ctx.out_shape) - len(ctx.shape_of(x))
@@ -170,7 +202,7 @@ def expand(ctx: Context) -> NodeType:
     return t
 
 
-@rule("repeat", torch.tile, "tile")
+@rule("repeat", torch.tile, "tile", *aten("repeat.default"))
 def repeat(ctx: Context) -> NodeType:
     x = ctx.arg(0, "input")
     off = len(ctx.out_shape) - len(ctx.shape_of(x))
@@ -183,7 +215,7 @@ def repeat(ctx: Context) -> NodeType:
     return t
 
 
-@rule("size", "dim", "numel", "ndimension", "nelement", "get_device")
+@rule("size", "dim", "numel", "ndimension", "nelement", "get_device", *aten("sym_size.int", "sym_numel.default"))
 def shape_query(ctx: Context) -> NodeType:
     """Sizes read at run time stay true after a shrink; nothing to freeze."""
     return None

@@ -12,12 +12,12 @@ import torch
 import torch.fx as fx
 
 from ptgraph.channels import TensorType
-from ptgraph.passes.flow import Context, Counter, NodeType, freeze_everything
-from ptgraph.passes.rules import rule
+from ptgraph.passes.flow import Context, Counter, NodeType, freeze_everything, set_arg
+from ptgraph.passes.rules import aten, rule
 from ptgraph.passes.rules.elementwise import unify_aligned
 
 
-@rule(torch.cat, torch.concat, torch.concatenate)
+@rule(torch.cat, torch.concat, torch.concatenate, *aten("cat.default", "concat.default"))
 def cat(ctx: Context) -> NodeType:
     tensors = ctx.arg(0, "tensors")
     if not isinstance(tensors, (list, tuple)) or not all(isinstance(n, fx.Node) for n in tensors):
@@ -40,7 +40,7 @@ def cat(ctx: Context) -> NodeType:
     return out
 
 
-@rule(torch.stack)
+@rule(torch.stack, *aten("stack.default"))
 def stack(ctx: Context) -> NodeType:
     tensors = ctx.arg(0, "tensors")
     if not isinstance(tensors, (list, tuple)) or not all(isinstance(n, fx.Node) for n in tensors):
@@ -52,7 +52,8 @@ def stack(ctx: Context) -> NodeType:
     return unify_aligned(ctx, list(zip(parts, shapes)), ctx.out_shape, frozenset({d}))
 
 
-@rule(torch.split, "split", torch.chunk, "chunk", torch.tensor_split, "tensor_split", torch.unbind, "unbind")
+@rule(torch.split, "split", torch.chunk, "chunk", torch.tensor_split, "tensor_split", torch.unbind, "unbind",
+      *aten("split.Tensor", "split_with_sizes.default", "chunk.default", "unbind.int", "tensor_split.sections"))
 def split(ctx: Context) -> NodeType:
     x = ctx.arg(0, "input")
     pieces = ctx.out_shape
@@ -60,10 +61,11 @@ def split(ctx: Context) -> NodeType:
         return freeze_everything(ctx)
     target = ctx.node.target
     name = target if isinstance(target, str) else target.__name__
-    d = ctx.arg(2 if name != "unbind" else 1, "dim", 0) % len(ctx.shape_of(x))
+    unbind = name.split(".")[0] == "unbind"
+    d = ctx.arg(2 if not unbind else 1, "dim", 0) % len(ctx.shape_of(x))
     t = ctx.type_of(x)
     rest = {a: ids for a, ids in t.items() if a != d}
-    if name == "unbind":  # the split axis disappears
+    if unbind:  # the split axis disappears
         if d in t:
             ctx.freeze(t[d], f"{ctx.node.name} takes channels one by one")
         return tuple({a - (a > d): ids for a, ids in rest.items()} for _ in pieces)
@@ -81,7 +83,48 @@ def split(ctx: Context) -> NodeType:
     return tuple({**rest, d: p} for p in parts)
 
 
-@rule("narrow", torch.narrow)
+@rule(*aten("slice.Tensor"))
+def slice_tensor(ctx: Context) -> NodeType:
+    """aten.slice(x, dim, start, end, step): x[..., start:end] as torch.export writes it."""
+    x = ctx.arg(0, "input")
+    nd = len(ctx.shape_of(x))
+    d, start, end, step = ctx.arg(1, "dim", 0), ctx.arg(2, "start"), ctx.arg(3, "end"), ctx.arg(4, "step", 1)
+    if not all(v is None or isinstance(v, int) for v in (d, start, end, step)):
+        return freeze_everything(ctx)
+    d = d % nd
+    t = dict(ctx.type_of(x))
+    if d not in t:
+        return t
+    ids, s = t[d], slice(start, end)
+    if step not in (None, 1):
+        ctx.freeze(ids, f"{ctx.node.name} slices channels with a step")
+        return {a: v for a, v in t.items() if a != d}
+    t[d] = ids[s]
+    node, lo, hi = ctx.node, ids[:s.start] if s.start is not None else ids[:0], ids[:s.stop] if s.stop is not None else None
+
+    def fix(count: Counter) -> None:
+        set_arg(node, 2, "start", count(lo))
+        if hi is not None:
+            set_arg(node, 3, "end", count(hi))
+
+    ctx.rewrite(fix)
+    return t
+
+
+@rule(*aten("select.int"))
+def select(ctx: Context) -> NodeType:
+    """aten.select(x, dim, index): x[..., index], one position; the axis disappears."""
+    x, d = ctx.arg(0, "input"), ctx.arg(1, "dim")
+    if not isinstance(d, int):
+        return freeze_everything(ctx)
+    d = d % len(ctx.shape_of(x))
+    t = ctx.type_of(x)
+    if d in t:
+        ctx.freeze(t[d], f"{ctx.node.name} picks single channels")
+    return {a - (a > d): ids for a, ids in t.items() if a != d}
+
+
+@rule("narrow", torch.narrow, *aten("narrow.default"))
 def narrow(ctx: Context) -> NodeType:
     x = ctx.arg(0, "input")
     nd = len(ctx.shape_of(x))

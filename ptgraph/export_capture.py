@@ -1,0 +1,162 @@
+"""The second capture path: torch.export (non-strict), for models symbolic tracing cannot see.
+
+torch.export runs the model on fake tensors, so Python control flow over shapes and
+configuration (Hugging Face models, loops over heads, `if x.shape[1] != ...`) is resolved at
+capture time. What comes back is an fx graph of ATen ops over the model's own parameters:
+get_attr nodes under their original names, holding the very same tensor objects, so shrinking
+them shows in the user's model and in any optimizer built on it.
+
+Four things are adjusted so that the graph can be trained and evaluated like a symbolic trace:
+- mode: export bakes train/eval into the ops (dropout's `train`, batch norm's `training`, the
+  attention dropout probability); those arguments read the graph module's `training` instead,
+  so `.train()` / `.eval()` behave as on the original model (the model is exported in train mode);
+- device: constants created on the export device (`arange(..., device=cpu)`) follow the
+  parameters' device, so the graph module moves with `.to(...)`;
+- guards and metadata asserts (input shapes, dtype/device of intermediates) are dropped: every op
+  checks its shapes anyway, and the asserts would fail after `.to(cuda)` or under autocast;
+- sizes: every input axis is exported as dynamic where the model allows it, so a view's batch
+  or sequence size is read at run time rather than baked in.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import operator
+import warnings
+from typing import Any, Iterator
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+aten = torch.ops.aten
+
+_DROPOUTS = {aten.dropout.default, aten.feature_dropout.default, aten.alpha_dropout.default,
+             aten.feature_alpha_dropout.default}
+_ASSERTS = {aten._assert_tensor_metadata.default, aten._assert_scalar.default,
+            aten.sym_constrain_range_for_size.default, aten._assert_async.msg}
+
+
+def _dynamic_shapes(example_inputs: tuple) -> tuple:
+    auto = torch.export.Dim.AUTO
+    return tuple({d: auto for d in range(x.dim())} if isinstance(x, torch.Tensor) else None
+                 for x in example_inputs)
+
+
+@contextlib.contextmanager
+def _quiet_export() -> Iterator[None]:
+    """torch.export logs guards and fallbacks and prints the graph it failed on; a failed attempt is
+    ptgraph's to report (one line), so its logs, warnings and prints are held back."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(previous)
+
+
+def export_module(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
+    """Capture `model` with torch.export; returns a plain GraphModule (mode-following, device-free)
+    that shares the model's parameters and buffers. Raises what torch.export raises."""
+    was_training = model.training
+    model.train()
+    try:
+        with _quiet_export():
+            try:
+                ep = torch.export.export(model, example_inputs, dynamic_shapes=_dynamic_shapes(example_inputs),
+                                         strict=False)
+            except Exception:  # noqa: BLE001 - some models refuse dynamic sizes: capture them static
+                ep = torch.export.export(model, example_inputs, strict=False)
+    finally:
+        model.train(was_training)
+    exported = ep.module()
+    graph = exported.graph
+    for node in list(graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            graph.erase_node(node)
+        elif node.op == "call_function" and node.target in _ASSERTS and not node.users:
+            graph.erase_node(node)
+    _follow_mode(graph)
+    _follow_device(graph, _device_of(model))
+    gm = fx.GraphModule(exported, graph, class_name=type(model).__name__)
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    gm.train(was_training)
+    return gm
+
+
+def _device_of(model: nn.Module) -> torch.device | None:
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return None
+
+
+def _after_inputs(graph: fx.Graph) -> fx.Node:
+    """The first node after the placeholders and get_attrs, where new read-only nodes can go."""
+    return next(n for n in graph.nodes if n.op not in ("placeholder", "get_attr"))
+
+
+def _follow_mode(graph: fx.Graph) -> None:
+    """Literal train flags become reads of the graph module's `training`."""
+    training: fx.Node | None = None
+
+    def flag() -> fx.Node:
+        nonlocal training
+        if training is None:
+            with graph.inserting_before(_after_inputs(graph)):
+                training = graph.get_attr("training")
+        return training
+
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target in _DROPOUTS and _arg(node, 2, "train") is True:
+            _set(node, 2, "train", flag())
+        elif node.target is aten.batch_norm.default and _arg(node, 5, "training") is True \
+                and isinstance(_arg(node, 3, "running_mean"), fx.Node):
+            _set(node, 5, "training", flag())
+        elif node.target is aten.add_.Tensor and _is_batch_counter(node.args[0]) and node.args[1] == 1:
+            node.update_arg(1, flag())  # num_batches_tracked counts training steps only
+        elif node.target is aten.scaled_dot_product_attention.default:
+            p = _arg(node, 4, "dropout_p", 0.0)
+            if isinstance(p, float) and p > 0:
+                with graph.inserting_before(node):
+                    _set(node, 4, "dropout_p", graph.call_function(operator.mul, (flag(), p)))
+
+
+def _is_batch_counter(value: Any) -> bool:
+    return isinstance(value, fx.Node) and value.op == "get_attr" and str(value.target).endswith("num_batches_tracked")
+
+
+def _follow_device(graph: fx.Graph, device: torch.device | None) -> None:
+    """`device=` constants equal to the parameters' device read it from a parameter instead."""
+    if device is None:
+        return
+    anchor = next((n for n in graph.nodes if n.op == "get_attr"), None)
+    if anchor is None:
+        return
+    read: fx.Node | None = None
+    for node in list(graph.nodes):
+        value = node.kwargs.get("device") if node.op == "call_function" else None
+        if isinstance(value, torch.device) and value == device:
+            if read is None:
+                with graph.inserting_before(_after_inputs(graph)):
+                    read = graph.call_function(getattr, (anchor, "device"))
+            node.update_kwarg("device", read)
+
+
+def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    if index < len(node.args):
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def _set(node: fx.Node, index: int, name: str, value: Any) -> None:
+    if index < len(node.args):
+        node.update_arg(index, value)
+    else:
+        node.update_kwarg(name, value)
