@@ -18,33 +18,40 @@ class ChannelSpace:
     """Elements, their union-find, and what is known about them (frozen with a reason, inexact)."""
 
     def __init__(self) -> None:
+        # per element, in buffers that grow geometrically (a model has thousands of spaces); the
+        # first _n entries are in use
+        self._n = 0
         self._parent = np.zeros(0, dtype=np.int64)
         self._space = np.zeros(0, dtype=np.int64)  # which birth (space) each element came from
-        self.n_spaces = 0
-        self.reasons: list[str] = []
         self._frozen = np.zeros(0, dtype=np.int64)  # index into reasons, -1: not frozen
         self._inexact = np.zeros(0, dtype=np.int64)
-        self._buffers = [self._parent, self._space, self._frozen, self._inexact]
+        self.n_spaces = 0
+        self.reasons: list[str] = []
+
+    def __setstate__(self, state: dict) -> None:
+        if "_n" not in state:  # pickled before the buffers: exact-length arrays
+            state.pop("_buffers", None)
+            state["_n"] = len(state["_parent"])
+        self.__dict__.update(state)
 
     def __len__(self) -> int:
-        return len(self._parent)
+        return self._n
 
     def new(self, n: int) -> np.ndarray:
-        start = len(self._parent)
-        end = start + n
-        ids = np.arange(start, end, dtype=np.int64)
-        views = (self._parent, self._space, self._frozen, self._inexact)
-        # the arrays are exact-length views of buffers that grow geometrically (a model has thousands
-        # of spaces); a copy (pickle, deepcopy) holds plain arrays, so then the buffers are rebuilt
-        if end > len(self._buffers[0]) or not all(v is b or v.base is b for v, b in zip(views, self._buffers)):
+        start, end = self._n, self._n + n
+        if end > len(self._parent):
             cap = max(end, 2 * start, 1024)
-            self._buffers = [np.concatenate([v, np.zeros(cap - start, dtype=np.int64)]) for v in views]
-        parent, space, frozen, inexact = self._buffers
-        parent[start:end] = ids
-        space[start:end] = self.n_spaces
-        frozen[start:end] = -1
-        inexact[start:end] = -1
-        self._parent, self._space, self._frozen, self._inexact = (b[:end] for b in self._buffers)
+            for attr in ("_parent", "_space", "_frozen", "_inexact"):
+                old = getattr(self, attr)
+                buf = np.zeros(cap, dtype=np.int64)
+                buf[:start] = old[:start]
+                setattr(self, attr, buf)
+        ids = np.arange(start, end, dtype=np.int64)
+        self._parent[start:end] = ids
+        self._space[start:end] = self.n_spaces
+        self._frozen[start:end] = -1
+        self._inexact[start:end] = -1
+        self._n = end
         self.n_spaces += 1
         return ids
 
@@ -53,7 +60,7 @@ class ChannelSpace:
         roots = parent[ids]
         while True:
             up = parent[roots]
-            if np.array_equal(up, roots):
+            if (up == roots).all():
                 break
             roots = up
         parent[ids] = roots  # path compression for the queried elements
@@ -69,10 +76,9 @@ class ChannelSpace:
             diff = ra != rb
             if not diff.any():
                 return
-            lo = np.minimum(ra[diff], rb[diff])
-            hi = np.maximum(ra[diff], rb[diff])
+            ra, rb = ra[diff], rb[diff]
             # colliding writes lose links; the loop re-checks until every pair agrees
-            self._parent[hi] = lo
+            self._parent[np.maximum(ra, rb)] = np.minimum(ra, rb)
 
     def unify_all(self, ids: np.ndarray) -> None:
         ids = np.asarray(ids, dtype=np.int64).ravel()
@@ -80,7 +86,7 @@ class ChannelSpace:
             self.unify(ids[:-1], ids[1:])
 
     def roots(self) -> np.ndarray:
-        return self.find(np.arange(len(self._parent), dtype=np.int64))
+        return self.find(np.arange(self._n, dtype=np.int64))
 
     def space_of(self, ids: np.ndarray) -> np.ndarray:
         return self._space[ids]
@@ -107,6 +113,18 @@ class ChannelSpace:
         idx = self._frozen[ids]
         idx = idx[idx >= 0]
         return self.reasons[int(idx.min())] if len(idx) else None
+
+    def reasons_by(self, ids: np.ndarray, labels: np.ndarray, inexact: bool = False) -> dict[int, str]:
+        """label -> the first reason any of the elements `ids` with that label was frozen (or marked
+        inexact) for: frozen_reason per label, in one sort instead of one call per label."""
+        idx = (self._inexact if inexact else self._frozen)[ids]
+        hit = idx >= 0
+        labels, idx = labels[hit], idx[hit]
+        order = np.lexsort((idx, labels))
+        labels, idx = labels[order], idx[order]
+        first = np.ones(len(labels), dtype=bool)
+        first[1:] = labels[1:] != labels[:-1]
+        return {g: self.reasons[i] for g, i in zip(labels[first].tolist(), idx[first].tolist())}
 
     def inexact_reason(self, ids: np.ndarray) -> str | None:
         idx = self._inexact[ids]

@@ -2,95 +2,167 @@
 
 Like torch/fx/passes/shape_prop.py, but stores only what the channel analysis and the cost
 model need (`node.meta["shape"]`: a tuple of ints, or a tuple of them for tuple outputs), and
-runs with every parameter and input swapped for a meta tensor, so a ResNet-50 costs
-milliseconds instead of a real forward pass. A graph with an op that has no meta kernel, or a
-leaf module that reads tensor values, is run once for real instead.
+runs on meta tensors, so a ResNet-50 costs about a millisecond instead of a real forward pass.
+The graph is walked node by node (no fx.Interpreter); the common ops get their output by formula
+(ptgraph/shape_formulas.py: a meta kernel costs 0.1-10 ms, a formula microseconds), the rest run
+on meta tensors, a leaf module with its own parameters swapped for meta ones. A graph with an op
+that has no meta kernel, or a leaf module that reads tensor values, is run once for real instead.
 """
 from __future__ import annotations
 
-import operator
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.fx as fx
 from torch import nn
 from torch.func import functional_call
 
+from ptgraph.shape_formulas import FUNCTIONS, METHODS, module_formula
+
 
 def _shape_of(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
-        return tuple(int(s) for s in value.shape)
+        return tuple(value.shape)
     if isinstance(value, (tuple, list)):
         return tuple(_shape_of(v) for v in value)
     return None
 
 
-# Meta kernels of these go through Python decompositions (BatchNorm costs ~1 ms on meta);
-# their output has their input's shape, so that is what they get.
-_SAME_SHAPE_MODULES = (
-    nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish,
-    nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Dropout, nn.Identity,
-)
-_BINARY = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul}
-
-
-def _conv_shape(m: nn.modules.conv._ConvNd, x: torch.Tensor) -> tuple[int, ...] | None:
-    """A convolution's output shape by its formula (a meta conv costs a dispatch through Python); None when
-    the formula does not apply (unbatched input, transposed conv)."""
-    dims = len(m.kernel_size)
-    if isinstance(m, nn.modules.conv._ConvTransposeNd) or x.dim() != dims + 2 or x.shape[1] != m.in_channels:
-        return None  # the meta kernel decides, and raises where the input does not fit
-    if m.padding == "same":
-        return (x.shape[0], m.out_channels, *x.shape[2:])
-    padding = (0,) * dims if m.padding == "valid" else m.padding
-    out = [(size + 2 * p - d * (k - 1) - 1) // s + 1
-           for size, p, d, k, s in zip(x.shape[2:], padding, m.dilation, m.kernel_size, m.stride)]
-    return (x.shape[0], m.out_channels, *out)
-
-
-class _ShapeInterpreter(fx.Interpreter):
-    def call_module(self, target: Any, args: tuple, kwargs: dict) -> Any:
-        module = self.fetch_attr(target)
-        if len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor):
-            x = args[0]
-            if isinstance(module, _SAME_SHAPE_MODULES):
-                return torch.empty_like(x)
-            if isinstance(module, nn.modules.conv._ConvNd) and x.device.type == "meta":
-                shape = _conv_shape(module, x)
-                if shape is not None:
-                    return torch.empty(shape, dtype=x.dtype, device=x.device)
-            if isinstance(module, nn.Linear) and x.device.type == "meta" and x.dim() >= 1 \
-                    and x.shape[-1] == module.in_features:
-                return torch.empty((*x.shape[:-1], module.out_features), dtype=x.dtype, device=x.device)
-        return super().call_module(target, args, kwargs)
-
-    def call_function(self, target: Any, args: tuple, kwargs: dict) -> Any:
-        if target in _BINARY and not kwargs and len(args) == 2 and all(isinstance(a, torch.Tensor) for a in args):
-            a, b = args
-            return torch.empty(torch.broadcast_shapes(a.shape, b.shape), dtype=torch.result_type(a, b), device=a.device)
-        return super().call_function(target, args, kwargs)
-
-    def run_node(self, n: fx.Node) -> Any:
-        result = super().run_node(n)
-        n.meta["shape"] = _shape_of(result)
-        if isinstance(result, torch.Tensor):
-            n.meta["dtype"] = result.dtype
-        return result
-
-
-class _Run(nn.Module):
-    """Lets functional_call swap the graph module's tensors while an Interpreter walks it."""
-
-    def __init__(self, gm: fx.GraphModule) -> None:
-        super().__init__()
-        self.gm = gm
-
-    def forward(self, *args: Any) -> Any:
-        return _ShapeInterpreter(self.gm).run(*args)
-
-
 def _on_meta(x: Any) -> Any:
-    return torch.empty_like(x, device="meta") if isinstance(x, torch.Tensor) else x
+    if not isinstance(x, torch.Tensor):
+        return x
+    if x.is_contiguous():
+        return torch.empty_strided(tuple(x.shape), x.stride(), dtype=x.dtype, device="meta")
+    return torch.empty_like(x, device="meta")
+
+
+class _Walk:
+    """One pass over the graph; `meta`: formulas and meta tensors, else every op runs for real.
+
+    Shapes are taken in eval mode (no batch-of-one check in a training BatchNorm, running statistics
+    left alone). Formulas do not depend on the mode, so the graph module is switched (and, by
+    `restore`, switched back: 2-3 ms on a few hundred modules) only when something reads it: a module
+    run as it is, or a non-tensor attribute (a captured graph's `training` flag).
+    """
+
+    def __init__(self, gm: fx.GraphModule, meta: bool) -> None:
+        self.gm = gm
+        self.meta = meta
+        self.env: dict[fx.Node, Any] = {}
+        self.modes: dict[nn.Module, bool] | None = None
+        if not meta:
+            self._eval()
+
+    def _eval(self) -> None:
+        if self.modes is None:
+            self.modes = {m: m.training for m in self.gm.modules()}
+            self.gm.eval()
+
+    def restore(self) -> None:
+        for m, training in (self.modes or {}).items():
+            m.training = training
+
+    def run(self, inputs: tuple) -> None:
+        feed = iter(_on_meta(x) for x in inputs) if self.meta else iter(inputs)
+        env = self.env
+        free = {} if self.meta else _last_uses(self.gm.graph)  # real tensors: drop each after its last use
+        for n in self.gm.graph.nodes:
+            if n.op == "placeholder":
+                value = _placeholder(n, feed)
+            elif n.op == "get_attr":
+                value = self._attr(n.target)
+            else:
+                args = fx.node.map_arg(n.args, env.__getitem__)
+                kwargs = fx.node.map_arg(n.kwargs, env.__getitem__)
+                if n.op == "output":
+                    value = args[0]
+                elif n.op == "call_module":
+                    value = self._module(_submodule(self.gm, n.target), args, kwargs)
+                elif n.op == "call_function":
+                    value = self._function(n.target, args, kwargs)
+                else:
+                    value = self._method(n.target, args, kwargs)
+            env[n] = value
+            n.meta["shape"] = _shape_of(value)
+            if isinstance(value, torch.Tensor):
+                n.meta["dtype"] = value.dtype
+            for done in free.get(n, ()):
+                del env[done]
+
+    def _attr(self, target: str) -> Any:
+        obj = _resolve(self.gm, target)
+        if isinstance(obj, torch.Tensor):
+            return _on_meta(obj) if self.meta else obj
+        self._eval()
+        return _resolve(self.gm, target)  # again: the mode may just have changed
+
+    def _module(self, m: nn.Module, args: tuple, kwargs: dict) -> Any:
+        if not self.meta:
+            return m(*args, **kwargs)
+        formula = module_formula(m)
+        out = formula(m, *args, **kwargs) if formula is not None else None
+        if out is not None:
+            return out
+        self._eval()
+        tensors = {k: _on_meta(v) for k, v in (*m.named_parameters(), *m.named_buffers())}
+        return functional_call(m, tensors, args, kwargs, strict=False) if tensors else m(*args, **kwargs)
+
+    def _function(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        if self.meta:
+            try:
+                formula = FUNCTIONS.get(target)
+            except TypeError:  # unhashable target
+                formula = None
+            out = formula(None, *args, **kwargs) if formula is not None else None
+            if out is not None:
+                return out
+        return target(*args, **kwargs)
+
+    def _method(self, target: str, args: tuple, kwargs: dict) -> Any:
+        if self.meta and isinstance(args[0], torch.Tensor):
+            formula = METHODS.get(target)
+            out = formula(None, *args, **kwargs) if formula is not None else None
+            if out is not None:
+                return out
+        return getattr(args[0], target)(*args[1:], **kwargs)
+
+
+def _placeholder(n: fx.Node, feed: Iterator) -> Any:
+    """As fx.Interpreter binds them: `*args` takes the rest; a missing input takes its default."""
+    if n.target.startswith("*"):
+        return list(feed)
+    try:
+        return next(feed)
+    except StopIteration:
+        if n.args:
+            return n.args[0]
+        raise RuntimeError(f"expected an input for '{n.target}'") from None
+
+
+def _last_uses(graph: fx.Graph) -> dict[fx.Node, list[fx.Node]]:
+    """node -> the values no node after it reads (as fx.Interpreter frees them)."""
+    seen: set[fx.Node] = set()
+    free: dict[fx.Node, list[fx.Node]] = {}
+    for n in reversed(graph.nodes):
+        for used in n.all_input_nodes:
+            if used not in seen:
+                seen.add(used)
+                free.setdefault(n, []).append(used)
+    return free
+
+
+def _submodule(gm: nn.Module, target: str) -> nn.Module:
+    """gm.get_submodule(target) by its module dicts (get_submodule costs 50 us, named_modules 1 ms)."""
+    m = gm
+    for atom in target.split("."):
+        m = m._modules[atom] if atom in m._modules else getattr(m, atom)
+    return m
+
+
+def _resolve(obj: Any, target: str) -> Any:
+    for atom in target.split("."):
+        obj = getattr(obj, atom)
+    return obj
 
 
 def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
@@ -99,16 +171,13 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
     Eval mode avoids the batch-of-one check of training BatchNorm and leaves the running
     statistics alone; the traced graph has already fixed which branches run.
     """
-    modes = {m: m.training for m in gm.modules()}
-    gm.eval()
+    walk = _Walk(gm, meta=True)
     try:
-        run = _Run(gm)
-        tensors = {k: _on_meta(v) for k, v in (*run.named_parameters(), *run.named_buffers())}
-        try:
-            functional_call(run, tensors, tuple(_on_meta(x) for x in example_inputs), strict=False)
-        except Exception:  # noqa: BLE001 - no meta kernel, or a leaf that reads values: run it for real
-            with torch.no_grad():
-                run(*example_inputs)
+        walk.run(example_inputs)
+    except Exception:  # noqa: BLE001 - no meta kernel, or a leaf that reads values: run it for real
+        walk.restore()
+        walk = _Walk(gm, meta=False)
+        with torch.no_grad():
+            walk.run(example_inputs)
     finally:
-        for m, training in modes.items():
-            m.training = training
+        walk.restore()

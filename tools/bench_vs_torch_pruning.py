@@ -1,4 +1,4 @@
-"""Torch-Pruning (DepGraph) against ptgraph: speed on four models, correctness over the torchvision zoo.
+"""Torch-Pruning (DepGraph) against ptgraph: speed on six models, correctness over the torchvision zoo.
 
 Torch-Pruning is an optional dev dependency (`pip install -e '.[bench]'`); the package never imports it.
 
@@ -57,7 +57,7 @@ import zoo  # noqa: E402  (tools/zoo.py: model list, machine line, small helpers
 
 ROOT = zoo.ROOT
 TOOLS = ("ptgraph", "torch_pruning")
-TIMING_MODELS = ("resnet50", "densenet121", "efficientnet_b0", "vit_b_16")
+TIMING_MODELS = ("resnet50", "densenet121", "efficientnet_b0", "vit_b_16", "convnext_tiny", "regnet_y_400mf")
 NUM_CLASSES = 1000
 
 
@@ -170,6 +170,7 @@ def timing(models: list[str], runs: int, ratio: float) -> dict[str, Any]:
                     warnings.simplefilter("ignore")
                     row.update(job(k, name, r))
             if r > 0:
+                row["load"] = os.getloadavg()[0]  # 1-minute load average when the model's round ended
                 rows[name].append(row)
         print(f"  timing round {r}/{runs} done{' (warm-up)' if r == 0 else ''}", file=sys.stderr, flush=True)
     out = {}
@@ -186,17 +187,23 @@ def print_timing(res: dict[str, Any], runs: int) -> None:
           "Torch-Pruning / ptgraph, median of the per-round ratios (and ratio of the bests); dense forward: one eval "
           "forward of the example input with autograd on, which Torch-Pruning's build runs\n")
     print("| model | dense forward | TP build_dependency | ptgraph trace + analysis | ratio | TP pruner init + step "
-          "| ptgraph trace + analysis + plan + shrink | ratio |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "| ptgraph trace + analysis + plan + shrink | ratio | load average |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, r in res.items():
         m = r["median"]
         b = {k: min(x[k] for x in r["runs"]) for k in r["runs"][0]}
         print(f"| {name} | {m['forward']:.3f} ({b['forward']:.3f}) | {m['tp_build']:.3f} ({b['tp_build']:.3f}) | {m['pt_trace_analyze']:.3f} "
               f"({b['pt_trace_analyze']:.3f}) | {m['ratio_build']:.1f}x ({b['tp_build'] / b['pt_trace_analyze']:.1f}x) | "
               f"{m['tp_total']:.3f} ({b['tp_total']:.3f}) | {m['pt_total']:.3f} ({b['pt_total']:.3f}) | "
-              f"{m['ratio_total']:.1f}x ({b['tp_total'] / b['pt_total']:.1f}x) |")
+              f"{m['ratio_total']:.1f}x ({b['tp_total'] / b['pt_total']:.1f}x) | {_loads(r['runs'])} |")
     print("\nmedian split of Torch-Pruning's pruner: " + "; ".join(
         f"{n} init {r['median']['tp_init']:.3f} + step {r['median']['tp_step']:.3f}" for n, r in res.items()))
+
+
+def _loads(runs: list[dict[str, float]]) -> str:
+    """The 1-minute load average over the model's rounds: median (min-max)."""
+    loads = [x["load"] for x in runs if "load" in x]
+    return f"{statistics.median(loads):.1f} ({min(loads):.1f}-{max(loads):.1f})" if loads else "?"
 
 
 # -- sweep: one tool on one model (worker) ----------------------------------------------------
@@ -373,7 +380,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=5, help="timed rounds after the warm-up (default: 5)")
     p.add_argument("--ratio", type=float, default=0.3, help="share of channels to prune (default: 0.3)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default: 1; more than the free cores make "
+                   "every op wait for the busiest one: beside two 1-thread jobs on 2 cores, a 2-thread regnet_y_400mf "
+                   "forward took 2.7 s instead of 0.05 s)")
     p.add_argument("--timeout", type=float, default=600, help="seconds per model and tool (default: 600)")
     p.add_argument("--raw", default=str(ROOT / "runs" / "vs_torch_pruning.jsonl"), help="sweep records (jsonl)")
     p.add_argument("--reuse", action="store_true", help="keep the records in --raw and run only the models it "
