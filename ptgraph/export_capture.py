@@ -107,7 +107,8 @@ def _follow_mode(graph: fx.Graph) -> None:
     def flag() -> fx.Node:
         nonlocal training
         if training is None:
-            with graph.inserting_before(_after_inputs(graph)):
+            with graph.inserting_before(_after_inputs(graph)), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # `training` is a plain attribute of every module, not a tensor
                 training = graph.get_attr("training")
         return training
 

@@ -199,7 +199,8 @@ def trace(
     "export" captures with torch.export (ATen ops over the model's parameters: for forwards with
     Python control flow fx cannot follow, such as Hugging Face transformers); "auto" (default)
     uses fx when it sees the whole model and torch.export when fx would have to keep some
-    submodules as frozen leaves or cannot trace the top level at all.
+    submodules as frozen leaves (untraceable ones, nn.MultiheadAttention) or cannot trace the top
+    level at all.
     `leaf_modules`: module names or types to keep as single nodes (fx only). `ignore`: module
     names whose channels must never be pruned.
     """
@@ -228,7 +229,7 @@ def trace(
             raise UserError(f"neither torch.fx nor torch.export can trace the top level of {type(model).__name__} "
                             f"(fx: {e}); {_FIX}") from export_error
         return _with_shapes(exported, example_inputs, {}, ignore, "export")
-    if fallbacks and capture == "auto" and not leaf_modules:
+    if capture == "auto" and not leaf_modules and (fallbacks or _has_opaque_modules(gm)):
         try:
             return _with_shapes(_exported(model, example_inputs), example_inputs, {}, ignore, "export")
         except UserError:
@@ -243,6 +244,15 @@ _FIX = "make its forward free of data-dependent Python control flow, or wrap tha
 
 class _Untraceable(Exception):
     """fx could not trace the top level (the message is the first line of why)."""
+
+
+def _has_opaque_modules(gm: fx.GraphModule) -> bool:
+    """A module the rules can only freeze whole (nn.MultiheadAttention) that torch.export would open up."""
+    from ptgraph.passes.rules import OPAQUE_MODULES
+
+    opaque = tuple(OPAQUE_MODULES)
+    return bool(opaque) and any(n.op == "call_module" and isinstance(gm.get_submodule(n.target), opaque)
+                                for n in gm.graph.nodes)
 
 
 def _fx_capture(model: nn.Module, names: set[str], types: tuple[type, ...],

@@ -15,8 +15,14 @@ INPUT_DTYPES = {"float": torch.float32, "long": torch.long}
 
 
 def token_vocab(model: nn.Module) -> int | None:
-    """num_embeddings of the model's first nn.Embedding (the token table of an embedding-first model), or None."""
-    return next((m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)), None)
+    """num_embeddings of the model's first nn.Embedding (the token table of an embedding-first model), or None.
+    A graph captured by torch.export has no Embedding modules: its first aten.embedding's table counts."""
+    found = next((m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)), None)
+    if found is None and isinstance(model, torch.fx.GraphModule):
+        node = next((n for n in model.graph.nodes if n.op == "call_function"
+                     and n.target is torch.ops.aten.embedding.default and n.args[0].op == "get_attr"), None)
+        found = model.get_parameter(node.args[0].target).shape[0] if node is not None else None
+    return found
 
 
 def _token_ids(model: nn.Module, shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:

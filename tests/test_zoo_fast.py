@@ -61,8 +61,10 @@ def test_small_vit_verifies():
     model = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
                                                  hidden_dim=64, mlp_dim=128, num_classes=10)
     analysis, _ = _check(model, 32)
-    mlp_hidden = [g for g in analysis.groups if g.prunable and any(".mlp.0." in m.name for m in g.members)]
+    mlp_hidden = [g for g in analysis.groups if g.prunable and any(".mlp.0." in m.name and m.axis == 0 for m in g.members)]
     assert len(mlp_hidden) == 2  # one MLP hidden layer per encoder block
+    stream = [g for g in analysis.groups if any(m.name == "conv_proj.weight" and m.axis == 0 for m in g.members)]
+    assert stream[0].prunable  # captured by torch.export: nn.MultiheadAttention's projections carry the stream
 
 
 @pytest.mark.parametrize("spec,last_map", [("ptgraph:mobilenet_v2?width_mult=0.5", 4),

@@ -23,6 +23,7 @@ from ptgraph.passes.flow import Rule
 
 RULES: dict[Any, Rule] = {}
 LEAF_CLASSES: set[str] = set()  # qualified class names the tracer keeps as single nodes
+OPAQUE_MODULES: set[type] = set()  # classes whose rule freezes what torch.export would see inside
 
 
 def qualname(cls: type) -> str:

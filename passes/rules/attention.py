@@ -26,7 +26,7 @@ from torch import nn
 
 from ptgraph.channels import TensorType
 from ptgraph.passes.flow import ChannelFlow, Context, NodeType, freeze_everything
-from ptgraph.passes.rules import aten, lookup, rule
+from ptgraph.passes.rules import OPAQUE_MODULES, aten, lookup, rule
 from ptgraph.passes.rules.elementwise import unify_aligned
 
 
@@ -110,6 +110,9 @@ def sdpa(ctx: Context) -> NodeType:
 @rule(nn.MultiheadAttention)
 def multihead_attention(ctx: Context) -> NodeType:
     return freeze_everything(ctx, f"nn.MultiheadAttention keeps embed_dim fixed ('{ctx.node.target}')")
+
+
+OPAQUE_MODULES.add(nn.MultiheadAttention)  # captured by torch.export, its in/out projections carry the stream
 
 
 def head_axes(flow: ChannelFlow) -> dict[fx.Node, int]:
