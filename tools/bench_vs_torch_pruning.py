@@ -120,8 +120,8 @@ def tp_prune(model: Any, x: Any, ratio: float) -> tuple[Any, dict[str, float]]:
     return model, {"init": t1 - t0, "step": t2 - t1}
 
 
-def pt_trace_analyze(model: Any, x: Any) -> Any:
-    return analyze_channels(trace(model, (x,)))
+def pt_trace_analyze(model: Any, x: Any, capture: str = "auto") -> Any:
+    return analyze_channels(trace(model, (x,), capture=capture))
 
 
 def pt_shrink(analysis: Any, ratio: float, seed: int) -> Any:
@@ -130,7 +130,7 @@ def pt_shrink(analysis: Any, ratio: float, seed: int) -> Any:
 
 
 # -- timing -----------------------------------------------------------------------------------
-def timing(models: list[str], runs: int, ratio: float) -> dict[str, Any]:
+def timing(models: list[str], runs: int, ratio: float, capture: str = "auto") -> dict[str, Any]:
     """Warm-up round, then `runs` rounds; in each round every model, the three jobs in rotating order."""
     templates, rows = {}, {m: [] for m in models}
     for name in models:
@@ -143,7 +143,7 @@ def timing(models: list[str], runs: int, ratio: float) -> dict[str, Any]:
         if kind == "pt":
             model.train()
             t0 = time.perf_counter()
-            analysis = pt_trace_analyze(model, x)
+            analysis = pt_trace_analyze(model, x, capture)
             t1 = time.perf_counter()
             pt_shrink(analysis, ratio, seed)
             t2 = time.perf_counter()
@@ -387,6 +387,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--raw", default=str(ROOT / "runs" / "vs_torch_pruning.jsonl"), help="sweep records (jsonl)")
     p.add_argument("--reuse", action="store_true", help="keep the records in --raw and run only the models it "
                    "lacks, or those --models names")
+    p.add_argument("--capture", choices=("auto", "fx", "export"), default="auto",
+                   help="timing: ptgraph's capture path (default: auto, as ptgraph.trace; auto takes torch.export for "
+                   "nn.MultiheadAttention models such as vit_b_16)")
     p.add_argument("--timing-out", default=None, help="also write the timing results (JSON) here")
     p.add_argument("--tools", default=",".join(TOOLS), help="with --reuse: rerun only these tools, keep the "
                    "other's record (default: both)")
@@ -413,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{tp_version}; load average {mach['load']}", flush=True)
     if args.part in ("timing", "both"):
         models = chosen if chosen and args.part == "timing" else list(TIMING_MODELS)
-        res = timing(models, args.runs, args.ratio)
+        res = timing(models, args.runs, args.ratio, args.capture)
         print_timing(res, args.runs)
         if args.timing_out:
             Path(args.timing_out).write_text(json.dumps({"command": command, "date": zoo._now(), "machine": mach,
