@@ -167,6 +167,11 @@ def shrink(analysis: ChannelAnalysis, plan: PrunePlan, optimizer: torch.optim.Op
     for node in gm.graph.nodes:
         if node in flow.types:
             node.meta["shape"] = flow.current_shape(node)
+        elif node.op == "get_attr" and isinstance(node.meta.get("shape"), tuple):  # weights read by F.linear & co.
+            owner, attr = _owner(gm, node.target)
+            value = getattr(owner, attr, None)
+            if isinstance(value, torch.Tensor):
+                node.meta["shape"] = tuple(value.shape)
     analysis.refresh()
     changed = {g.id: (sizes_before[g.id], g.size) for g in analysis.groups if g.size != sizes_before[g.id]}
     return ShrinkReport(changed, params_before, count_params(gm), time.perf_counter() - start)
