@@ -14,8 +14,8 @@ Four things are adjusted so that the graph can be trained and evaluated like a s
   parameters' device, so the graph module moves with `.to(...)`;
 - guards and metadata asserts (input shapes, dtype/device of intermediates) are dropped: every op
   checks its shapes anyway, and the asserts would fail after `.to(cuda)` or under autocast;
-- sizes: every input axis is exported as dynamic where the model allows it, so a view's batch
-  or sequence size is read at run time rather than baked in.
+- sizes: the batch and sequence axes of the inputs are exported as dynamic where the model allows
+  it, so a view's batch or sequence size is read at run time rather than baked in.
 """
 from __future__ import annotations
 
@@ -39,9 +39,15 @@ _ASSERTS = {aten._assert_tensor_metadata.default, aten._assert_scalar.default,
 
 
 def _dynamic_shapes(example_inputs: tuple) -> tuple:
+    """Token ids: every axis (batch, sequence) may vary. Float inputs: the batch, and the sequence of a
+    (batch, sequence, features) input; image sizes stay fixed (dynamic spatial sizes make export slow)."""
     auto = torch.export.Dim.AUTO
-    return tuple({d: auto for d in range(x.dim())} if isinstance(x, torch.Tensor) else None
-                 for x in example_inputs)
+
+    def axes(x: torch.Tensor) -> dict[int, Any]:
+        varying = range(x.dim()) if not x.is_floating_point() else range(min(x.dim(), 2 if x.dim() == 3 else 1))
+        return {d: auto for d in varying}
+
+    return tuple(axes(x) if isinstance(x, torch.Tensor) else None for x in example_inputs)
 
 
 @contextlib.contextmanager

@@ -239,6 +239,11 @@ def trace(
     return _with_shapes(gm, example_inputs, fallbacks, ignore, "fx")
 
 
+try:  # generates its Python code on first use: a third of a small model's capture time otherwise
+    from torch.fx._lazy_graph_module import _LazyGraphModule as _GraphModule
+except ImportError:  # pragma: no cover - older torch
+    _GraphModule = fx.GraphModule
+
 _FIX = "make its forward free of data-dependent Python control flow, or wrap that part in a submodule"
 
 
@@ -262,7 +267,7 @@ def _fx_capture(model: nn.Module, names: set[str], types: tuple[type, ...],
         graph = tracer.trace(model)
     except Exception as e:  # noqa: BLE001
         raise _Untraceable(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
-    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    gm = _GraphModule(tracer.root, graph, type(model).__name__)
     gm.training = model.training
     _unbake_dropout(gm)
     return gm, dict(tracer.fallbacks)
