@@ -162,8 +162,8 @@ class Graph:
     """A traced model: `module` is the fx GraphModule (the model to train and export from now on).
 
     Its submodules (fx capture) or its parameters (export capture) are the user's own objects, so
-    shrinking them shows in the original model too. `leaves` names the submodules that could not be traced (and why); `ignored`
-    the ones the user asked to leave alone.
+    shrinking them shows in the original model too. `leaves` names the submodules that could not be
+    traced (and why); `ignored` the ones the user asked to leave alone.
     """
 
     module: fx.GraphModule
