@@ -3,6 +3,8 @@ prunable, shrink exact against the mask, the shrunk model trains and evaluates a
 from __future__ import annotations
 
 import copy
+import json
+import math
 import warnings
 
 import pytest
@@ -85,6 +87,18 @@ def test_shrink_matches_mask_and_removes_parameters(captured):
     assert count_params(graph.module) <= 0.85 * before, name
 
 
+@pytest.mark.parametrize("ratio", [0.6, 0.95])
+def test_a_shrunk_capture_analyses_like_the_shrunk_analysis(captured, ratio):
+    """PruneTrain's FLOPs bisection re-analyses shrunk copies: heads down to one (a single kv head of a
+    grouped-query pair) must still be found as heads."""
+    name, _, graph, _ = captured
+    graph = copy.deepcopy(graph)
+    analysis = analyze_channels(graph)
+    shrink(analysis, keep_every_tensor(analysis, random_plan(analysis.groups, ratio, seed=3, exact_only=False)))
+    again = analyze_channels(copy.deepcopy(graph))
+    assert [(g.id, g.size, g.prunable) for g in again.groups] == [(g.id, g.size, g.prunable) for g in analysis.groups], name
+
+
 def test_shrunk_model_trains_and_evaluates_at_other_sizes(captured):
     name, model, graph, inputs = captured
     graph = copy.deepcopy(graph)
@@ -152,3 +166,30 @@ def test_pruned_language_model_exports_to_onnx(captured):
     with tempfile.TemporaryDirectory() as tmp:
         result = export(graph.module, inputs(2, 16), f"{tmp}/lm.onnx")
     assert result.ok and result.rel_err <= 1e-4, result
+
+
+def test_cli_prune_trains_an_hf_llama_on_tokens_and_exports_it(tmp_path, monkeypatch, capsys):
+    """The CLI path end to end on a model of the user's own code: capture by torch.export, next-token
+    training to a FLOPs target, and ONNX export of the run (which re-captures and replays the plans)."""
+    pytest.importorskip("onnxruntime")
+    from ptgraph.cli import main
+
+    (tmp_path / "hf_user_models.py").write_text(
+        "import transformers as tf\n"
+        "def llama():\n"
+        "    return tf.LlamaForCausalLM(tf.LlamaConfig(num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,\n"
+        "        hidden_size=32, intermediate_size=64, vocab_size=256, max_position_embeddings=64, use_cache=False))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    run = tmp_path / "run"
+    code = main(["prune-train", "--model", "hf_user_models:llama", "--data", "tokens:synthetic", "--block-size", "32",
+                 "--target-flops", "0.7", "--epochs", "1", "--steps-per-epoch", "8", "--run-dir", str(run),
+                 "--no-tensorboard"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    summary = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    epoch = [r for r in summary if "val_ppl" in r][-1]
+    assert math.isfinite(epoch["val_ppl"])
+    assert "FLOPs/img" in out and "val ppl" in out
+    code = main(["export", str(run), "--out", str(tmp_path / "lm.onnx")])
+    out, err = capsys.readouterr()
+    assert code == 0 and "onnxruntime OK" in out, err

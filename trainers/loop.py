@@ -66,7 +66,9 @@ class Run:
         self.input_shape, self.input_dtype = tuple(example[0].shape), dtype_name(example[0])
         graph = trace(model, example)
         n_out = [n for n in graph.module.graph.nodes if n.op == "output"][0].args[0]
-        self.task.check_output(getattr(n_out, "meta", {}).get("shape") if not isinstance(n_out, tuple) else None)
+        if isinstance(n_out, (tuple, list)) and graph.capture == "export":  # flat outputs: the first is the main one
+            n_out = n_out[0] if n_out else None
+        self.task.check_output(getattr(n_out, "meta", {}).get("shape") if not isinstance(n_out, (tuple, list)) else None)
         self.batch = cfg.batch_size
         shard = len(ShardSampler(len(self.data.train), self.rank, self.world, True, 0))
         self.steps_per_epoch = min(shard // self.batch, cfg.steps_per_epoch or shard)  # what every epoch runs

@@ -171,8 +171,9 @@ def _walk_back(gm: fx.GraphModule, start: fx.Node, start_axis: int, found: dict[
                     continue
                 if len(ins) == 1 and len(outs) > 1 and rule_fn is not shape.reshape_by_shapes:
                     found[node] = axis
-                elif len(outs) == 1:
-                    stack.append((x, next((i for i in ins if _shape(x)[i] > 1), ins[0])))
+                elif len(outs) == 1:  # a merge: follow its outermost real axis, not one an expand made
+                    real = [i for i in ins if not _expanded(x, i)]
+                    stack.append((x, next((i for i in real if _shape(x)[i] > 1), real[0] if real else ins[0])))
         elif rule_fn in (shape.permute, shape.transpose):
             perm = _permutation(node, len(out))
             if perm is not None:
@@ -193,6 +194,18 @@ def _walk_back(gm: fx.GraphModule, start: fx.Node, start_axis: int, found: dict[
                 a = axis - (len(out) - len(s)) if s is not None else -1
                 if s is not None and 0 <= a < len(s) and s[a] == out[axis]:
                     stack.append((inp, a))
+
+
+def _expanded(node: object, axis: int) -> bool:
+    """Whether `node` is an expand that made `axis` from a size-1 axis (grouped-query attention's repeat:
+    once a kv head group is down to one head, only this tells the kv axis from the repeat axis)."""
+    if not isinstance(node, fx.Node) or node.target not in ("expand", *aten("expand.default")):
+        return False
+    src, out = _shape(node.args[0]), _shape(node)
+    if src is None or out is None:
+        return False
+    a = axis - (len(out) - len(src))
+    return a < 0 or (src[a] == 1 and out[axis] > 1)
 
 
 def _permutation(node: fx.Node, nd: int) -> list[int] | None:
