@@ -30,6 +30,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from ptgraph.passes.flow import set_arg
+
 aten = torch.ops.aten
 
 _DROPOUTS = {aten.dropout.default, aten.feature_dropout.default, aten.alpha_dropout.default,
@@ -122,17 +124,17 @@ def _follow_mode(graph: fx.Graph) -> None:
         if node.op != "call_function":
             continue
         if node.target in _DROPOUTS and _arg(node, 2, "train") is True:
-            _set(node, 2, "train", flag())
+            set_arg(node, 2, "train", flag())
         elif node.target is aten.batch_norm.default and _arg(node, 5, "training") is True \
                 and isinstance(_arg(node, 3, "running_mean"), fx.Node):
-            _set(node, 5, "training", flag())
+            set_arg(node, 5, "training", flag())
         elif node.target is aten.add_.Tensor and _is_batch_counter(node.args[0]) and node.args[1] == 1:
             node.update_arg(1, flag())  # num_batches_tracked counts training steps only
         elif node.target is aten.scaled_dot_product_attention.default:
             p = _arg(node, 4, "dropout_p", 0.0)
             if isinstance(p, float) and p > 0:
                 with graph.inserting_before(node):
-                    _set(node, 4, "dropout_p", graph.call_function(operator.mul, (flag(), p)))
+                    set_arg(node, 4, "dropout_p", graph.call_function(operator.mul, (flag(), p)))
 
 
 def _is_batch_counter(value: Any) -> bool:
@@ -160,10 +162,3 @@ def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
     if index < len(node.args):
         return node.args[index]
     return node.kwargs.get(name, default)
-
-
-def _set(node: fx.Node, index: int, name: str, value: Any) -> None:
-    if index < len(node.args):
-        node.update_arg(index, value)
-    else:
-        node.update_kwarg(name, value)

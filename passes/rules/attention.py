@@ -175,7 +175,7 @@ def _walk_back(gm: fx.GraphModule, start: fx.Node, start_axis: int, found: dict[
                     real = [i for i in ins if not _expanded(x, i)]
                     stack.append((x, next((i for i in real if _shape(x)[i] > 1), real[0] if real else ins[0])))
         elif rule_fn in (shape.permute, shape.transpose):
-            perm = _permutation(node, len(out))
+            perm = shape.permutation(node, len(out))
             if perm is not None:
                 stack.append((x, perm[axis]))
         elif rule_fn is slicing.getitem and isinstance(x, fx.Node) and isinstance(node.args[1], int):
@@ -206,25 +206,3 @@ def _expanded(node: object, axis: int) -> bool:
         return False
     a = axis - (len(out) - len(src))
     return a < 0 or (src[a] == 1 and out[axis] > 1)
-
-
-def _permutation(node: fx.Node, nd: int) -> list[int] | None:
-    """For a permute/transpose node: out axis -> in axis."""
-    from ptgraph.passes.rules import shape
-
-    if node.target in shape._T:
-        perm = list(range(nd))
-        perm[-1], perm[-2] = perm[-2], perm[-1]
-        return perm
-    if node.target in shape._MOVEDIM:
-        return None
-    if lookup(node, None) is shape.permute:
-        dims = node.args[1:] if len(node.args) > 2 else (node.args[1] if len(node.args) > 1 else node.kwargs.get("dims"))
-        return [d % nd for d in dims] if all(isinstance(d, int) for d in dims) else None
-    d0 = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim0")
-    d1 = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim1")
-    if not isinstance(d0, int) or not isinstance(d1, int):
-        return None
-    perm = list(range(nd))
-    perm[d0 % nd], perm[d1 % nd] = perm[d1 % nd], perm[d0 % nd]
-    return perm

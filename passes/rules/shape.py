@@ -158,36 +158,46 @@ def unflatten(ctx: Context) -> NodeType:
     return t
 
 
-@rule(torch.permute, "permute", *aten("permute.default"))
-def permute(ctx: Context) -> NodeType:
-    nd = len(ctx.out_shape)
-    dims = ctx.node.args[1:] if len(ctx.node.args) > 2 else ctx.arg(1, "dims")
-    if not all(isinstance(d, int) for d in dims):
-        return freeze_everything(ctx)
-    return _permuted(ctx, [d % nd for d in dims])
-
-
 _T = ("t", torch.t, "mT", *aten("t.default"))
 _MOVEDIM = (torch.movedim, "movedim", *aten("movedim.int"))
+_PERMUTE = (torch.permute, "permute", *aten("permute.default"))
 
 
-@rule(torch.transpose, "transpose", torch.swapaxes, "swapaxes", *_T, *_MOVEDIM, *aten("transpose.int", "swapaxes.default"))
-def transpose(ctx: Context) -> NodeType:
-    nd = len(ctx.out_shape)
-    if ctx.node.target in _T:
+def permutation(node: fx.Node, nd: int) -> list[int] | None:
+    """For a permute/transpose/movedim node of `nd` output axes: output axis -> input axis, or None when
+    its dims are not literal ints. Shared by the rules and the walk that finds attention heads."""
+    def arg(i: int, name: str) -> object:
+        return node.args[i] if len(node.args) > i else node.kwargs.get(name)
+
+    if node.target in _PERMUTE:
+        dims = node.args[1:] if len(node.args) > 2 else arg(1, "dims")
+        return [d % nd for d in dims] if all(isinstance(d, int) for d in dims) else None
+    if node.target in _T:
         d0, d1 = nd - 2, nd - 1
     else:
-        d0, d1 = ctx.arg(1, "dim0"), ctx.arg(2, "dim1")
+        d0, d1 = arg(1, "dim0"), arg(2, "dim1")
         if not isinstance(d0, int) or not isinstance(d1, int):
-            return freeze_everything(ctx)
+            return None
         d0, d1 = d0 % nd, d1 % nd
     perm = list(range(nd))
-    if ctx.node.target in _MOVEDIM:
+    if node.target in _MOVEDIM:
         perm.remove(d0)
         perm.insert(d1, d0)
     else:
         perm[d0], perm[d1] = perm[d1], perm[d0]
-    return _permuted(ctx, perm)
+    return perm
+
+
+@rule(*_PERMUTE)
+def permute(ctx: Context) -> NodeType:
+    perm = permutation(ctx.node, len(ctx.out_shape))
+    return freeze_everything(ctx) if perm is None else _permuted(ctx, perm)
+
+
+@rule(torch.transpose, "transpose", torch.swapaxes, "swapaxes", *_T, *_MOVEDIM, *aten("transpose.int", "swapaxes.default"))
+def transpose(ctx: Context) -> NodeType:
+    perm = permutation(ctx.node, len(ctx.out_shape))
+    return freeze_everything(ctx) if perm is None else _permuted(ctx, perm)
 
 
 @rule("expand", *aten("expand.default"))
