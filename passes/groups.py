@@ -103,8 +103,9 @@ class ChannelAnalysis:
     def original_module_runs_pruned(self) -> bool:
         """False when a shrink rewrites constants of the graph (reshape sizes, split sections) that the
         original module's Python code may still hold, or when the graph was captured by torch.export (the
-        user's code may compute sizes from its own attributes): then run and export `graph.module`."""
-        return not self.flow.graph_rewrites and self.graph.capture == "fx"
+        user's code may compute sizes from its own attributes), or when fx traced a module through a
+        decomposition (it keeps its old sizes): then run and export `graph.module`."""
+        return not self.flow.graph_rewrites and self.graph.capture == "fx" and not self.graph.opened
 
 
 def analyze_channels(graph: Graph) -> ChannelAnalysis:

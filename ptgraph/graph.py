@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import traceback as fx_traceback
 
+from ptgraph.decompose import mha_call, mha_forward
 from ptgraph.errors import UserError
 from ptgraph.shapes import propagate_shapes
 
@@ -48,6 +49,8 @@ class _FallbackTracer(fx.Tracer):
         self.leaf_names = leaf_names
         self.leaf_types = leaf_types
         self.fallbacks: dict[str, str] = {}
+        self.opened: list[str] = []  # modules traced through a decomposition (ptgraph/decompose.py)
+        self.maybe_dead: list[fx.Node] = []  # their outputs nobody may read (attention weights)
         self._leaf_by_type: dict[type, bool] = {}
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
@@ -98,6 +101,19 @@ class _FallbackTracer(fx.Tracer):
 
     def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
         qualname = self.path_of_module(m)
+        asked_leaf = qualname in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types))
+        call = mha_call(m, args, kwargs) if qualname and not asked_leaf else None
+        if call is not None:
+            last, stack_depth = self.graph._root.prev, len(self.module_stack)
+            try:
+                out, weights = mha_forward(m, call)
+            except Exception:  # noqa: BLE001 - a call the decomposition cannot follow: the module stays whole
+                self._roll_back(last, stack_depth)
+            else:
+                self.opened.append(qualname)
+                if isinstance(weights, fx.Proxy):
+                    self.maybe_dead.append(weights.node)
+                return out, weights
         if qualname == "" or self.is_leaf_module(m, qualname):
             return super().call_module(m, forward, args, kwargs)
         last = self.graph._root.prev  # the newest node before this call
@@ -107,14 +123,18 @@ class _FallbackTracer(fx.Tracer):
             try:
                 return forward(*a, **k)
             except Exception as e:  # noqa: BLE001 - any failure in a submodule means: make it a leaf
-                for n in reversed(_nodes_after(self.graph, last)):
-                    self.graph.erase_node(n)
-                while len(self.module_stack) > stack_depth + 1:
-                    self.module_stack.popitem(last=True)
+                self._roll_back(last, stack_depth + 1)
                 self.fallbacks[qualname] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                 return self.create_proxy("call_module", qualname, a, k)
 
         return super().call_module(m, guarded, args, kwargs)
+
+    def _roll_back(self, last: fx.Node, stack_depth: int) -> None:
+        """Erase the nodes added after `last` and the module-stack entries over `stack_depth`."""
+        for n in reversed(_nodes_after(self.graph, last)):
+            self.graph.erase_node(n)
+        while len(self.module_stack) > stack_depth:
+            self.module_stack.popitem(last=True)
 
 
 _DROPOUT_MODULES = {F.dropout: nn.Dropout, F.dropout1d: nn.Dropout1d, F.dropout2d: nn.Dropout2d,
@@ -171,6 +191,7 @@ class Graph:
     leaves: dict[str, str] = field(default_factory=dict)
     ignored: tuple[str, ...] = ()
     capture: str = "fx"  # "fx": symbolic trace of the user's modules; "export": torch.export's ATen graph
+    opened: tuple[str, ...] = ()  # fx: modules traced through a decomposition; the user's copies keep old sizes
 
     @property
     def nodes(self) -> list[fx.Node]:
@@ -219,7 +240,7 @@ def trace(
     if capture == "export":
         return _with_shapes(_exported(model, example_inputs), example_inputs, {}, ignore, "export")
     try:
-        gm, fallbacks = _fx_capture(model, names, types, ignore)
+        gm, fallbacks, opened = _fx_capture(model, names, types, ignore)
     except _Untraceable as e:
         if capture == "fx":
             raise UserError(f"torch.fx cannot trace the top level of {type(model).__name__} ({e}); {_FIX}") from e
@@ -236,7 +257,7 @@ def trace(
             pass  # keep the symbolic trace with its leaves
     for name, reason in fallbacks.items():
         warnings.warn(f"ptgraph: traced '{name}' as a leaf, its channels are frozen ({reason})", stacklevel=2)
-    return _with_shapes(gm, example_inputs, fallbacks, ignore, "fx")
+    return _with_shapes(gm, example_inputs, fallbacks, ignore, "fx", opened)
 
 
 try:  # generates its Python code on first use: a third of a small model's capture time otherwise
@@ -261,16 +282,19 @@ def _has_opaque_modules(gm: fx.GraphModule) -> bool:
 
 
 def _fx_capture(model: nn.Module, names: set[str], types: tuple[type, ...],
-                ignore: tuple[str, ...]) -> tuple[fx.GraphModule, dict[str, str]]:
+                ignore: tuple[str, ...]) -> tuple[fx.GraphModule, dict[str, str], tuple[str, ...]]:
     tracer = _FallbackTracer(names | set(ignore), types)
     try:
         graph = tracer.trace(model)
     except Exception as e:  # noqa: BLE001
         raise _Untraceable(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
+    for node in tracer.maybe_dead:
+        if not node.users:
+            graph.erase_node(node)
     gm = _GraphModule(tracer.root, graph, type(model).__name__)
     gm.training = model.training
     _unbake_dropout(gm)
-    return gm, dict(tracer.fallbacks)
+    return gm, dict(tracer.fallbacks), tuple(tracer.opened)
 
 
 def _exported(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
@@ -284,7 +308,7 @@ def _exported(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
 
 
 def _with_shapes(gm: fx.GraphModule, example_inputs: tuple, leaves: dict[str, str], ignore: tuple[str, ...],
-                 capture: str) -> Graph:
+                 capture: str, opened: tuple[str, ...] = ()) -> Graph:
     try:
         propagate_shapes(gm, example_inputs)
     except Exception as e:  # noqa: BLE001
@@ -293,4 +317,4 @@ def _with_shapes(gm: fx.GraphModule, example_inputs: tuple, leaves: dict[str, st
         raise UserError(
             f"the model does not run on inputs of shape {shapes} ({first}); pass the input shape it expects with --input-shape"
         ) from e
-    return Graph(gm, example_inputs, leaves, ignore, capture)
+    return Graph(gm, example_inputs, leaves, ignore, capture, opened)

@@ -223,32 +223,67 @@ def test_attention_heads_and_mlp():
 
 
 class MHA(nn.Module):
-    def __init__(self):
+    def __init__(self, batch_first=True, dropout=0.0, need_weights=False, cross=False, masked=False):
         super().__init__()
         self.inp = nn.Linear(4, 8)
-        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=batch_first, dropout=dropout)
         self.mlp = nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 8))
+        self.need_weights, self.cross = need_weights, cross
+        self.register_buffer("mask", torch.zeros(3, 3) if masked else None)
 
     def forward(self, x):
         x = self.inp(x)
-        x = x + self.attn(x, x, x, need_weights=False)[0]
-        return x + self.mlp(x)
+        kv = x * 2 if self.cross else x
+        a, w = self.attn(x, kv, kv, need_weights=self.need_weights, attn_mask=self.mask)
+        x = x + a
+        return (x + self.mlp(x), w) if self.need_weights else x + self.mlp(x)
 
 
-def test_multihead_attention_freezes_embed_dim_only():
-    analysis = check_exact(MHA(), torch.randn(2, 3, 4), capture="fx")
-    stream = [g for g in analysis.groups if any(m.name == "inp.weight" and m.axis == 0 for m in g.members)][0]
+def _group_of(analysis, name, axis):
+    return next(g for g in analysis.groups if any(m.name == name and m.axis == axis for m in g.members))
+
+
+@pytest.mark.parametrize("batch_first,need_weights,dropout,unbatched", [
+    (True, False, 0.0, False), (False, True, 0.0, False), (True, True, 0.1, False), (False, False, 0.2, True)])
+def test_multihead_attention_opens_under_fx(batch_first, need_weights, dropout, unbatched):
+    """fx traces a self-attention nn.MultiheadAttention through its decomposition: the stream and the
+    heads are prunable, the shrunk graph computes what the masked one does, and dropout follows the mode."""
+    model = MHA(batch_first, dropout, need_weights)
+    x = torch.randn(3, 4) if unbatched else torch.randn(2, 3, 4)
+    graph = ptgraph.trace(model, (x,))
+    assert graph.capture == "fx" and graph.opened == ("attn",)
+    with torch.no_grad():
+        assert torch.allclose(_out(graph.module.eval()(x)), _out(model.eval()(x)), atol=1e-6)
+    analysis = check_exact(model, x, capture="fx")
+    assert not analysis.original_module_runs_pruned  # the user's module keeps its embed_dim
+    stream = _group_of(analysis, "inp.weight", 0)
+    assert any(m.name == "attn.in_proj_weight" and m.axis == 1 for m in stream.members)
+    assert any(m.name == "attn.out_proj.weight" and m.axis == 0 for m in stream.members)
+    heads = _group_of(analysis, "attn.in_proj_weight", 0)
+    assert heads.prunable and heads.size == (4 if unbatched else 2)  # batched: whole heads; unbatched: head dims
+    assert heads.exact == (not unbatched and not need_weights)  # the returned weights average over the heads
+    if dropout:
+        gm = analysis.graph.module.train()
+        assert not torch.allclose(_out(gm(x.double())), _out(gm(x.double())))
+        gm.eval()
+        assert torch.equal(_out(gm(x.double())), _out(gm(x.double())))
+
+
+@pytest.mark.parametrize("kind", ["cross", "masked", "leaf"])
+def test_multihead_attention_stays_whole_when_not_plain_self_attention(kind):
+    """Calls the decomposition does not cover (cross-attention, masks) and a module the user asks to keep whole
+    stay one node under fx, with the embedding stream frozen; auto capture opens them with torch.export."""
+    model = MHA(cross=kind == "cross", masked=kind == "masked")
+    x = torch.randn(2, 3, 4)
+    graph = ptgraph.trace(model, (x,), leaf_modules=[nn.MultiheadAttention] if kind == "leaf" else (), capture="fx")
+    assert graph.opened == ()
+    analysis = check_exact(model, x, capture="fx") if kind != "leaf" else analyze_channels(graph)
+    stream = _group_of(analysis, "inp.weight", 0)
     assert not stream.prunable and "MultiheadAttention" in stream.reason
-    hidden = [g for g in analysis.groups if any(m.name == "mlp.0.weight" and m.axis == 0 for m in g.members)][0]
-    assert hidden.prunable
-
-
-def test_multihead_attention_stream_prunable_through_export():
-    analysis = check_exact(MHA(), torch.randn(2, 3, 4))  # auto: torch.export opens nn.MultiheadAttention up
-    assert analysis.graph.capture == "export"
-    stream = [g for g in analysis.groups if any(m.name == "inp.weight" and m.axis == 0 for m in g.members)][0]
-    assert any(m.name.endswith("in_proj_weight") and m.axis == 1 for m in stream.members)
-    assert stream.reason == "model output"  # this toy returns its stream; nothing inside the attention freezes it
+    assert _group_of(analysis, "mlp.0.weight", 0).prunable
+    if kind != "leaf":
+        exported = check_exact(model, x)  # auto: torch.export opens nn.MultiheadAttention up
+        assert exported.graph.capture == "export"
 
 
 class Unknown(nn.Module):

@@ -135,18 +135,20 @@ def test_train_and_eval_modes_differ_only_by_dropout():
         assert not torch.allclose(_first(gm(*x)), _first(gm(*x)))  # dropout on in training mode
 
 
-def test_torchvision_vit_stream_prunable_through_export():
+def test_torchvision_vit_stream_and_heads_prunable_through_fx():
     import torchvision
 
     model = torchvision.models.VisionTransformer(image_size=32, patch_size=16, num_layers=2, num_heads=4,
                                                  hidden_dim=64, mlp_dim=128, num_classes=10)
     x = torch.randn(2, 3, 32, 32)
     graph = trace(model, x)
-    assert graph.capture == "export"  # nn.MultiheadAttention would freeze the stream under fx
+    assert graph.capture == "fx" and len(graph.opened) == 2  # nn.MultiheadAttention traced through its decomposition
     analysis = analyze_channels(graph)
     stream = next(g for g in analysis.groups if any(m.name == "conv_proj.weight" and m.axis == 0 for m in g.members))
     assert stream.prunable and stream.size == 64
     assert any(m.name.endswith("self_attention.in_proj_weight") and m.axis == 1 for m in stream.members)
+    heads = [g for g in analysis.groups if any(m.name.endswith("in_proj_weight") and m.axis == 0 for m in g.members)]
+    assert [g.size for g in heads] == [4, 4] and all(g.prunable and g.exact for g in heads)
     assert verify(analysis, (x,), ratio=0.3).ok
 
 

@@ -64,7 +64,10 @@ def test_small_vit_verifies():
     mlp_hidden = [g for g in analysis.groups if g.prunable and any(".mlp.0." in m.name and m.axis == 0 for m in g.members)]
     assert len(mlp_hidden) == 2  # one MLP hidden layer per encoder block
     stream = [g for g in analysis.groups if any(m.name == "conv_proj.weight" and m.axis == 0 for m in g.members)]
-    assert stream[0].prunable  # captured by torch.export: nn.MultiheadAttention's projections carry the stream
+    assert stream[0].prunable  # nn.MultiheadAttention traced through: its projections carry the stream
+    heads = [g for g in analysis.groups if any(m.name.endswith("self_attention.in_proj_weight") and m.axis == 0
+                                               for m in g.members)]
+    assert len(heads) == 2 and all(g.prunable and g.exact and g.size == 2 for g in heads)  # whole heads
 
 
 @pytest.mark.parametrize("spec,last_map", [("ptgraph:mobilenet_v2?width_mult=0.5", 4),

@@ -121,12 +121,10 @@ def reshape_as(ctx: Context) -> NodeType:
     return unify_aligned(ctx, [(t, ctx.out_shape), (dict(ctx.type_of(other)), ctx.out_shape)], ctx.out_shape)
 
 
-@rule(torch.flatten, "flatten", nn.Flatten, nn.Unflatten, "unflatten", torch.squeeze, "squeeze", torch.unsqueeze,
+@rule(torch.flatten, "flatten", nn.Flatten, nn.Unflatten, torch.squeeze, "squeeze", torch.unsqueeze,
       "unsqueeze", torch.atleast_2d, *aten("flatten.using_ints", "unsqueeze.default", "squeeze.dim", "squeeze.dims",
                                            "squeeze.default"))
 def reshape_by_shapes(ctx: Context) -> NodeType:
-    if isinstance(ctx.arg(2, "sizes"), (tuple, list)) and ctx.node.target in ("unflatten",):
-        return freeze_everything(ctx, f"{ctx.node.name}: unflatten with literal sizes")
     x = ctx.arg(0, "input")
     return reshape_type(ctx, ctx.type_of(x), ctx.shape_of(x), ctx.out_shape)
 
@@ -137,13 +135,13 @@ def _permuted(ctx: Context, perm: list[int]) -> NodeType:
     return {where[a]: ids for a, ids in t.items()}
 
 
-@rule(*aten("unflatten.int"))
+@rule("unflatten", torch.unflatten, *aten("unflatten.int"))
 def unflatten(ctx: Context) -> NodeType:
-    """aten.unflatten(x, dim, sizes): a reshape whose literal sizes are rewritten like a view's."""
+    """x.unflatten(dim, sizes): a reshape whose literal sizes are rewritten like a view's."""
     from ptgraph.passes.rules.attention import head_axes
 
     x, d, sizes = ctx.arg(0, "input"), ctx.arg(1, "dim"), ctx.arg(2, "sizes")
-    if not isinstance(d, int) or not isinstance(sizes, (list, tuple)):
+    if not isinstance(d, int) or not isinstance(sizes, (list, tuple)) or len(ctx.node.args) < 3:
         return freeze_everything(ctx)
     d %= len(ctx.shape_of(x))
     t = reshape_type(ctx, ctx.type_of(x), ctx.shape_of(x), ctx.out_shape, head_axes(ctx.flow).get(ctx.node))
