@@ -1,5 +1,6 @@
 """The FLOPs budget: the schedule, the steering, the loop reaching its target, resume, bad values."""
 import json
+import math
 
 import numpy as np
 import pytest
@@ -7,6 +8,8 @@ import torch
 
 from ptgraph.cli import main
 from ptgraph.errors import UserError
+from ptgraph.graph import trace
+from ptgraph.passes import analyze_channels
 from ptgraph.trainers import PruneTrain
 from ptgraph.trainers import loop as loop_module
 from ptgraph.trainers.budget import FlopsSchedule, LassoController
@@ -67,6 +70,9 @@ def test_the_object_reaches_its_target_gradually_then_trains_plainly(target):
     assert abs(pt.flops / pt.dense_flops - target) <= 0.05
     assert sum(r.step < pt.schedule.until for r in shrinks) >= 2  # gradual: shrinks before the schedule's point
     assert all(r.step <= pt.schedule.until for r in shrinks)
+    dense = {g.id: g.size for g in analyze_channels(trace(ResidualNet(width=32), torch.randn(2, 3, 8, 8))).groups}
+    assert all(pt.channels[g] >= math.ceil(target * dense[g]) for g in pt.channels)  # no group under F of its channels
+    assert any(pt.channels[g] < dense[g] for g in pt.channels)
     assert pt.target_reached and pt.lam == 0.0 and pt.scheduled_flops == round(target * pt.dense_flops)
     before = {n: p.detach().clone() for n, p in pt.model.named_parameters()}
     pt.after_step()  # the lasso is off

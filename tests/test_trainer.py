@@ -94,6 +94,8 @@ def test_keep_channels_rounding(round_to):
     assert len(kept) == min(21, -(-12 // round_to) * round_to)
     assert norms[kept].min() >= np.sort(norms)[::-1][len(kept) - 1]  # the largest norms win
     assert len(keep_channels(np.zeros(5), 1e-4, round_to)) == min(5, round_to)  # never zero channels
+    floor = keep_channels(norms, 1e-4, round_to, at_least=15)  # a floor keeps the largest norms
+    assert len(floor) == min(21, -(-15 // round_to) * round_to) and set(kept) <= set(floor)
 
 
 def test_reconfigure_keeps_optimizer_state_aligned():

@@ -50,12 +50,13 @@ def lasso_lambda(task_loss: float, lasso: float, ratio: float) -> float:
     return ratio * task_loss / (lasso * (1 - ratio)) if lasso > 0 else 0.0
 
 
-def keep_channels(norms: np.ndarray, threshold: float, round_to: int, extra: float = 0.0) -> np.ndarray:
-    """Indices to keep: norms at or over threshold, plus `extra` of the others, rounded up to a multiple
-    of round_to (largest norms win), never fewer than one rounding unit (or the whole group, if smaller)."""
+def keep_channels(norms: np.ndarray, threshold: float, round_to: int, extra: float = 0.0,
+                  at_least: int = 1) -> np.ndarray:
+    """Indices to keep: norms at or over threshold, plus `extra` of the others, at least `at_least`, rounded up
+    to a multiple of round_to (largest norms win), never fewer than one rounding unit (or the whole group, if smaller)."""
     size = len(norms)
     n = int((norms >= threshold).sum())
-    n += math.ceil(extra * (size - n))
+    n = max(at_least, n + math.ceil(extra * (size - n)))
     unit = max(1, round_to)
     n = min(size, max(unit, math.ceil(n / unit) * unit))
     return np.sort(np.argsort(-norms, kind="stable")[:n])
@@ -146,6 +147,10 @@ class PruneTrain:
         self.steps = 0
         self.plans: list[PrunePlan] = []
         self.dense_flops = self._flops = forward_flops(self.model)
+        # With a target F, no group is cut below F of its dense channels: left alone, the steering ratchets a few
+        # high-resolution groups down to 2-3 channels (their survivors' median rises, so the rest look small).
+        self.min_channels = {g.id: math.ceil(target_flops * g.size) for g in self.analysis.groups
+                             if g.prunable} if target_flops is not None else {}
         self._index: ChannelIndex | None = None
 
     @property
@@ -304,7 +309,7 @@ class PruneTrain:
         norms first), rounded as configured; no tensor is emptied."""
         keep = {}
         for gid, n in norms.items():
-            kept = keep_channels(n, cut, self.round_to, restore)
+            kept = keep_channels(n, cut, self.round_to, restore, self.min_channels.get(gid, 1))
             if len(kept) < len(n):
                 keep[gid] = tuple(kept.tolist())
         return keep_every_tensor(self.analysis, PrunePlan(keep), norms)
