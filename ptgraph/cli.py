@@ -256,6 +256,9 @@ def _train_parser(sub) -> None:
                    help="FLOPs from dense to the target: cubic cuts most early, linear evenly (default: cubic)")
     p.add_argument("--reconfigurations", type=int, default=None,
                    help="shrinks on the way to the target (default: 8)")
+    p.add_argument("--compute-aware", action="store_true",
+                   help="with a target: press and cut first the channels with the least norm per FLOP they cost "
+                        "(default: by norm relative to the channel's group alone)")
     p.add_argument("--penalty-ratio", type=float, default=None,
                    help="the paper's method instead of a target: lambda fixed so that the lasso is this share of the "
                         "first loss (e.g. 0.2 for 182 CIFAR epochs; how much it removes depends on model and schedule)")

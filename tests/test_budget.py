@@ -14,8 +14,9 @@ from ptgraph.trainers import PruneTrain
 from ptgraph.trainers import loop as loop_module
 from ptgraph.trainers.budget import FlopsSchedule, LassoController
 from ptgraph.trainers.config import TrainConfig
+from ptgraph.trainers.prunetrain import relative_norms
 from ptgraph.trainers.loop import train
-from toy_models import ResidualNet
+from toy_models import PlainNet, ResidualNet
 
 
 def test_schedule_runs_from_dense_to_the_target_and_stays():
@@ -42,13 +43,13 @@ def test_controller_gain_follows_the_shortfall_and_stays_bounded():
     assert c.gain == 0.5
 
 
-def _run_api(target: float, total: int = 60, until: float = 0.5, seed: int = 0):
+def _run_api(target: float, total: int = 60, until: float = 0.5, seed: int = 0, **kw):
     """The README's loop with a target, on a fixed random regression task."""
     torch.manual_seed(seed)
     model = ResidualNet(width=32)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     pt = PruneTrain(model, torch.randn(2, 3, 8, 8), opt, target_flops=target, total_steps=total, prune_until=until,
-                    reconfigurations=4)
+                    reconfigurations=4, **kw)
     data = torch.randn(total, 8, 3, 8, 8)
     shrinks = []
     for t in range(total):
@@ -64,9 +65,9 @@ def _run_api(target: float, total: int = 60, until: float = 0.5, seed: int = 0):
     return pt, shrinks
 
 
-@pytest.mark.parametrize("target", [0.5, 0.3])
-def test_the_object_reaches_its_target_gradually_then_trains_plainly(target):
-    pt, shrinks = _run_api(target)
+@pytest.mark.parametrize("target,compute_aware", [(0.5, False), (0.3, False), (0.5, True)])
+def test_the_object_reaches_its_target_gradually_then_trains_plainly(target, compute_aware):
+    pt, shrinks = _run_api(target, compute_aware=compute_aware)
     assert abs(pt.flops / pt.dense_flops - target) <= 0.05
     assert sum(r.step < pt.schedule.until for r in shrinks) >= 2  # gradual: shrinks before the schedule's point
     assert all(r.step <= pt.schedule.until for r in shrinks)
@@ -90,6 +91,21 @@ def test_the_steered_lasso_only_presses_the_channels_the_next_point_needs():
     norms = np.concatenate([pt.channel_norms()[g] for g in pt.index.group_slices])
     assert norms[pt.weights > 0].max() <= norms[pt.weights == 0].min() + 1e-6  # the smallest ones
     assert pt.cut_norm == pytest.approx(norms[pt.weights > 0].max())
+
+
+def test_compute_aware_scores_divide_by_what_a_channel_costs():
+    torch.manual_seed(0)
+    model = PlainNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    pt = PruneTrain(model, torch.randn(2, 3, 16, 16), opt, target_flops=0.5, total_steps=40, compute_aware=True)
+    norms = pt.channel_norms()
+    plain, aware = relative_norms(norms), pt._scores(norms)
+    costs = {g: pt._channel_cost(g, len(n)) for g, n in norms.items()}
+    assert len(set(round(c) for c in costs.values())) > 1  # groups at different resolutions cost differently
+    ratio = {g: float(np.median(aware[g] / plain[g])) for g in norms}
+    cheap, dear = min(costs, key=costs.get), max(costs, key=costs.get)
+    assert ratio[dear] < ratio[cheap]  # a costly channel scores lower: pressed and cut first
+    assert ratio[dear] * costs[dear] == pytest.approx(ratio[cheap] * costs[cheap], rel=1e-4)
 
 
 def test_a_target_needs_the_run_length_and_no_ratio():
@@ -167,6 +183,7 @@ def test_resume_after_a_kill_mid_schedule_is_bit_identical(tmp_path, monkeypatch
     (["--dense", "--target-flops", "0.5"], "--dense trains without pruning"),
     (["--lasso", "subgradient"], "--lasso subgradient only with --penalty-ratio"),
     (["--reconfigurations", "0"], "--reconfigurations must be 1 or more"),
+    (["--penalty-ratio", "0.9", "--compute-aware"], "--compute-aware weighs the FLOPs target's choice"),
 ])
 def test_bad_budget_values_are_one_line_and_exit_2(argv, words, capsys, tmp_path):
     code = main(["prune-train", "--model", "toy_models:small_resnet", "--run-dir", str(tmp_path / "r"), *argv])

@@ -154,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prune-until", type=float, default=0.3)
     p.add_argument("--prune-schedule", choices=("cubic", "linear"), default="cubic")
     p.add_argument("--reconfigurations", type=int, default=8)
+    p.add_argument("--compute-aware", action="store_true", help="target runs: compute-aware channel scores")
     p.add_argument("--penalty-ratio", default="", help="comma-separated: one PruneTrain run per ratio (the paper's method)")
     p.add_argument("--threshold", type=float, default=1e-4)
     p.add_argument("--round-to", type=int, default=None, help="default: 8 on CUDA, 1 on the CPU")
@@ -199,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
                     cfg, penalty_ratio=ratio, target_flops=target,
                     reconfig_every=args.reconfig_every if ratio is not None else None,
                     **({} if ratio is not None else dict(prune_until=args.prune_until, reconfigurations=args.reconfigurations,
-                                                         prune_schedule=args.prune_schedule)))
+                                                         prune_schedule=args.prune_schedule,
+                                                         compute_aware=args.compute_aware)))
         try:
             for c in configs.values():
                 c.check()

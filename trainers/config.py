@@ -31,6 +31,7 @@ class TrainConfig:
     prune_until: float | None = None  # share of the training steps by which to reach the target (default 0.3)
     prune_schedule: str | None = None  # cubic (default) or linear, from dense to the target
     reconfigurations: int | None = None  # shrinks on the way to the target (default 8)
+    compute_aware: bool = False  # with a target: press the channels with the least norm per FLOP they cost first
     reconfig_every: int | None = None  # epochs (default 10 with a penalty ratio; with a target, set by the schedule)
     reconfig_steps: int | None = None  # overrides reconfig_every
     steps_per_epoch: int | None = None
@@ -101,6 +102,8 @@ class TrainConfig:
              "--dense trains without pruning; leave out --target-flops, --penalty-ratio and the schedule flags"),
             (not (self.penalty_ratio is not None and schedule_flags),
              f"{', '.join(schedule_flags)} place(s) the FLOPs target's schedule; they do not apply with --penalty-ratio"),
+            (not (self.compute_aware and not self.budget),
+             "--compute-aware weighs the FLOPs target's choice of channels; it needs a target, not --dense or --penalty-ratio"),
             (not (self.budget and self.lasso == "subgradient"),
              "a FLOPs target steers the proximal lasso; use --lasso subgradient only with --penalty-ratio"),
             (self.epochs is None or self.epochs > 0, "--epochs must be positive"),

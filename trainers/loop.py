@@ -77,7 +77,7 @@ class Run:
             reconfig_steps = cfg.reconfig_every * self.steps_per_epoch
         budget = dict(target_flops=cfg.target_flops, total_steps=cfg.epochs * self.steps_per_epoch,
                       prune_until=cfg.prune_until, prune_schedule=cfg.prune_schedule,
-                      reconfigurations=cfg.reconfigurations) if cfg.budget else {}
+                      reconfigurations=cfg.reconfigurations, compute_aware=cfg.compute_aware) if cfg.budget else {}
         self.pt = PruneTrain(graph, example, None, penalty_ratio=cfg.penalty_ratio, threshold=cfg.threshold,
                              reconfig_steps=reconfig_steps, round_to=cfg.round_to,
                              proximal=cfg.lasso == "proximal", exact_only=cfg.exact_only, prox_every=cfg.prox_every,

@@ -101,6 +101,7 @@ class PruneTrain:
         prune_schedule: str = "cubic",
         reconfigurations: int = 8,
         self_check: bool = True,
+        compute_aware: bool = False,
         leaf_modules: Iterable[str | type] = (),
         ignore: Iterable[str] = (),
     ) -> None:
@@ -137,6 +138,7 @@ class PruneTrain:
         self.prox_every = prox_every
         self.target_flops = target_flops  # share of the dense forward FLOPs to end with
         self.controller = LassoController()
+        self.compute_aware = compute_aware  # with a target: press the channels with the fewest norm per FLOP first
         self.budget_done = False  # the schedule's point is past: the lasso is off, nothing more is removed
         self.weights: np.ndarray | None = None  # per channel slot, with a target: the adaptive lasso's weights
         self._weights_on_device: torch.Tensor | None = None
@@ -299,7 +301,7 @@ class PruneTrain:
             shares = np.linspace(1.0, 0.0, 257)
             return self._deepest(lambda i: self._plan(norms, self.threshold, shares[i]), len(shares), goal)[1]
         if self.steps >= self.schedule.until and at_threshold > goal:  # the point: the nearest-zero channels go
-            scores = relative_norms(norms)
+            scores = self._scores(norms)
             cuts = self._cuts(scores)
             return self._deepest(lambda i: self._plan(scores, cuts[i]), len(cuts), goal, nearest=True)[1]
         return plan
@@ -360,7 +362,7 @@ class PruneTrain:
             self._set_weights(None)
             return 0.0
         norms = self.channel_norms()
-        scores = relative_norms(norms)
+        scores = self._scores(norms)
         cuts = self._cuts(scores)
         _, plan = self._deepest(lambda i: self._plan(scores, cuts[i]), len(cuts), goal)
         going = np.zeros(self.index.n_slots, dtype=bool)
@@ -374,6 +376,25 @@ class PruneTrain:
         self._set_weights(np.where(going, flat / max(self.cut_norm, 1e-30), 0.0))
         lr = self.optimizer.param_groups[0]["lr"] if self.optimizer is not None else 0.0
         return self.controller.strength(self.cut_norm, lr, nxt - self.steps)
+
+    def _scores(self, norms: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+        """What decides which channels are pressed and cut: each channel's norm relative to its group's, and with
+        `compute_aware` divided by what one channel of its group costs (relative to the median group), so that
+        the channels giving the most FLOPs for the least norm go first."""
+        scores = relative_norms(norms)
+        if not self.compute_aware:
+            return scores
+        costs = {gid: self._channel_cost(gid, len(n)) for gid, n in scores.items()}
+        typical = float(np.median([c for c in costs.values() if c > 0] or [1.0]))
+        return {gid: n * typical / max(costs[gid], 1e-9 * typical) for gid, n in scores.items()}
+
+    def _channel_cost(self, gid: int, size: int) -> float:
+        """Forward FLOPs per sample one channel of group `gid` costs now (a tenth of the group removed on a copy)."""
+        k = max(1, size // 10)
+        if size <= k:
+            return 0.0
+        plan = keep_every_tensor(self.analysis, PrunePlan({gid: tuple(range(k, size))}))
+        return (self.flops - self.flops_after(plan)) / k
 
     def _set_weights(self, weights: np.ndarray | None) -> None:
         self.weights = None if weights is None else np.asarray(weights, dtype=np.float32)
