@@ -151,10 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--schedule", choices=("step", "cosine"), default="step")
     p.add_argument("--reconfig-every", type=int, default=2, help="epochs between reconfigurations, for ratio runs")
     p.add_argument("--target-flops", default="0.5", help="comma-separated: one PruneTrain run per FLOPs target")
-    p.add_argument("--prune-until", type=float, default=0.3)
+    p.add_argument("--prune-until", type=float, default=0.5)
     p.add_argument("--prune-schedule", choices=("cubic", "linear"), default="cubic")
     p.add_argument("--reconfigurations", type=int, default=8)
-    p.add_argument("--compute-aware", action="store_true", help="target runs: compute-aware channel scores")
+    p.add_argument("--compute-aware", action=argparse.BooleanOptionalAction, default=None,
+                   help="target runs: compute-aware channel scores (default: the product's, off)")
     p.add_argument("--penalty-ratio", default="", help="comma-separated: one PruneTrain run per ratio (the paper's method)")
     p.add_argument("--threshold", type=float, default=1e-4)
     p.add_argument("--round-to", type=int, default=None, help="default: 8 on CUDA, 1 on the CPU")

@@ -331,7 +331,7 @@ def _train(cfg: TrainConfig, resume_dir: str | None, console, d: Dist) -> dict[s
     elif cfg.budget:
         mode = (f"PruneTrain to {cfg.target_flops:.0%} of the dense FLOPs by {cfg.prune_until:.0%} of training "
                 f"({cfg.prune_schedule} schedule, {len(range(run.pt.reconfig_steps, run.pt.schedule.until + 1, run.pt.reconfig_steps))} "
-                f"reconfigurations, steered proximal lasso)")
+                f"reconfigurations, steered proximal lasso, {'compute-aware' if cfg.compute_aware else 'norm'} scores)")
     else:
         mode = f"PruneTrain ({cfg.lasso} lasso, penalty ratio {cfg.penalty_ratio})"
     procs = f" x {run.world} processes" if run.world > 1 else ""

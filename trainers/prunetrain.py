@@ -97,7 +97,7 @@ class PruneTrain:
         prox_every: int = 1,
         target_flops: float | None = None,
         total_steps: int | None = None,
-        prune_until: float = 0.3,
+        prune_until: float = 0.5,
         prune_schedule: str = "cubic",
         reconfigurations: int = 8,
         self_check: bool = True,
