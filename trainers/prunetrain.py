@@ -138,7 +138,7 @@ class PruneTrain:
         self.prox_every = prox_every
         self.target_flops = target_flops  # share of the dense forward FLOPs to end with
         self.controller = LassoController()
-        self.compute_aware = compute_aware  # with a target: press the channels with the fewest norm per FLOP first
+        self.compute_aware = compute_aware  # with a target: press the channels with the least norm per FLOP first
         self.budget_done = False  # the schedule's point is past: the lasso is off, nothing more is removed
         self.weights: np.ndarray | None = None  # per channel slot, with a target: the adaptive lasso's weights
         self._weights_on_device: torch.Tensor | None = None
