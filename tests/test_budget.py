@@ -16,7 +16,7 @@ from ptgraph.trainers.budget import FlopsSchedule, LassoController
 from ptgraph.trainers.config import TrainConfig
 from ptgraph.trainers.prunetrain import relative_norms
 from ptgraph.trainers.loop import train
-from toy_models import PlainNet, ResidualNet
+from toy_models import PlainNet, ResidualNet, small_resnet
 
 
 def test_schedule_runs_from_dense_to_the_target_and_stays():
@@ -43,14 +43,14 @@ def test_controller_gain_follows_the_shortfall_and_stays_bounded():
     assert c.gain == 0.5
 
 
-def _run_api(target: float, total: int = 60, until: float = 0.5, seed: int = 0, **kw):
+def _run_api(target: float, total: int = 60, until: float = 0.5, seed: int = 0, model=None, side: int = 8, **kw):
     """The README's loop with a target, on a fixed random regression task."""
     torch.manual_seed(seed)
-    model = ResidualNet(width=32)
+    model = model or ResidualNet(width=32)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    pt = PruneTrain(model, torch.randn(2, 3, 8, 8), opt, target_flops=target, total_steps=total, prune_until=until,
-                    reconfigurations=4, **kw)
-    data = torch.randn(total, 8, 3, 8, 8)
+    pt = PruneTrain(model, torch.randn(2, 3, side, side), opt, target_flops=target, total_steps=total,
+                    prune_until=until, reconfigurations=4, **kw)
+    data = torch.randn(total, 8, 3, side, side)
     shrinks = []
     for t in range(total):
         loss = pt.model(data[t]).square().mean()
@@ -65,9 +65,11 @@ def _run_api(target: float, total: int = 60, until: float = 0.5, seed: int = 0, 
     return pt, shrinks
 
 
-@pytest.mark.parametrize("target,compute_aware", [(0.5, False), (0.3, False), (0.5, True)])
-def test_the_object_reaches_its_target_gradually_then_trains_plainly(target, compute_aware):
-    pt, shrinks = _run_api(target, compute_aware=compute_aware)
+@pytest.mark.parametrize("target,compute_aware,allocation",
+                         [(0.5, False, "global"), (0.3, False, "global"), (0.5, True, "global"),
+                          (0.5, False, "uniform"), (0.3, False, "uniform")])
+def test_the_object_reaches_its_target_gradually_then_trains_plainly(target, compute_aware, allocation):
+    pt, shrinks = _run_api(target, compute_aware=compute_aware, allocation=allocation)
     assert abs(pt.flops / pt.dense_flops - target) <= 0.05
     assert sum(r.step < pt.schedule.until for r in shrinks) >= 2  # gradual: shrinks before the schedule's point
     assert all(r.step <= pt.schedule.until for r in shrinks)
@@ -78,6 +80,22 @@ def test_the_object_reaches_its_target_gradually_then_trains_plainly(target, com
     before = {n: p.detach().clone() for n, p in pt.model.named_parameters()}
     pt.after_step()  # the lasso is off
     assert all(torch.equal(before[n], p) for n, p in pt.model.named_parameters())
+
+
+def test_uniform_allocation_keeps_the_same_share_of_every_group():
+    pt, shrinks = _run_api(0.5, allocation="uniform", model=small_resnet(), side=16)
+    dense = pt.dense_sizes
+    assert len(dense) >= 4  # groups of different widths and resolutions
+    shares = {g: pt.channels[g] / dense[g] for g in pt.channels}
+    slack = max(1 / dense[g] for g in dense)  # one channel of the narrowest group
+    assert max(shares.values()) - min(shares.values()) <= slack + 1e-9, shares
+    assert max(shares.values()) < 1  # every group gave some
+
+
+def test_an_unknown_allocation_is_refused():
+    with pytest.raises(UserError, match="--allocation must be one of"):
+        PruneTrain(ResidualNet(width=8), torch.randn(2, 3, 8, 8), None, target_flops=0.5, total_steps=10,
+                   allocation="by_layer")
 
 
 def test_the_steered_lasso_only_presses_the_channels_the_next_point_needs():
@@ -184,6 +202,8 @@ def test_resume_after_a_kill_mid_schedule_is_bit_identical(tmp_path, monkeypatch
     (["--lasso", "subgradient"], "--lasso subgradient only with --penalty-ratio"),
     (["--reconfigurations", "0"], "--reconfigurations must be 1 or more"),
     (["--penalty-ratio", "0.9", "--compute-aware"], "--compute-aware weighs the FLOPs target's choice"),
+    (["--dense", "--allocation", "uniform"], "--allocation spreads the FLOPs target's cuts"),
+    (["--allocation", "uniform", "--compute-aware"], "--compute-aware ranks channels across groups"),
 ])
 def test_bad_budget_values_are_one_line_and_exit_2(argv, words, capsys, tmp_path):
     code = main(["prune-train", "--model", "toy_models:small_resnet", "--run-dir", str(tmp_path / "r"), *argv])

@@ -156,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reconfigurations", type=int, default=8)
     p.add_argument("--compute-aware", action=argparse.BooleanOptionalAction, default=None,
                    help="target runs: compute-aware channel scores (default: the product's, off)")
+    p.add_argument("--allocation", choices=("uniform", "global"), default=None,
+                   help="target runs: how cuts are spread over the groups (default: the product's)")
     p.add_argument("--penalty-ratio", default="", help="comma-separated: one PruneTrain run per ratio (the paper's method)")
     p.add_argument("--threshold", type=float, default=1e-4)
     p.add_argument("--round-to", type=int, default=None, help="default: 8 on CUDA, 1 on the CPU")
@@ -202,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
                     reconfig_every=args.reconfig_every if ratio is not None else None,
                     **({} if ratio is not None else dict(prune_until=args.prune_until, reconfigurations=args.reconfigurations,
                                                          prune_schedule=args.prune_schedule,
-                                                         compute_aware=args.compute_aware)))
+                                                         compute_aware=args.compute_aware,
+                                                         allocation=args.allocation)))
         try:
             for c in configs.values():
                 c.check()

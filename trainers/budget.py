@@ -20,6 +20,7 @@ from typing import Any
 from ptgraph.errors import UserError
 
 SHAPES = ("cubic", "linear")
+ALLOCATIONS = ("uniform", "global")
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ class FlopsSchedule:
         return self.target + (1 - self.target) * left
 
 
-def check_budget(target: float, until: float, shape: str, reconfigurations: int) -> None:
+def check_budget(target: float, until: float, shape: str, reconfigurations: int, allocation: str = "global") -> None:
     """One line per value a user can give wrong (the CLI and the Python object share these)."""
     if not 0 < target <= 1:
         raise UserError(f"--target-flops {target:g} is outside (0, 1]; give the share of the dense FLOPs to keep, e.g. 0.5")
@@ -47,6 +48,8 @@ def check_budget(target: float, until: float, shape: str, reconfigurations: int)
         raise UserError(f"--prune-schedule must be one of {', '.join(SHAPES)}, not {shape}")
     if reconfigurations < 1:
         raise UserError("--reconfigurations must be 1 or more")
+    if allocation not in ALLOCATIONS:
+        raise UserError(f"--allocation must be one of {', '.join(ALLOCATIONS)}, not {allocation}")
 
 
 @dataclass

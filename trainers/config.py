@@ -9,6 +9,7 @@ from ptgraph.errors import UserError
 from ptgraph.trainers.budget import check_budget
 
 DEFAULT_TARGET = 0.5  # docs/BENCHMARKS.md section 1: ResNet-20 and MobileNetV2 at half their FLOPs, near dense
+DEFAULT_ALLOCATION = "global"
 DEFAULT_PRUNE_UNTIL = 0.5  # section 1: ResNet-20 0.65 points under dense at 0.5, 3.4 under at 0.3
 TOKENS_LR = 0.5  # SGD on token data (tiny GPT on tokens:synthetic; see docs/BENCHMARKS.md)
 
@@ -32,6 +33,7 @@ class TrainConfig:
     prune_schedule: str | None = None  # cubic (default) or linear, from dense to the target
     reconfigurations: int | None = None  # shrinks on the way to the target (default 8)
     compute_aware: bool | None = None  # with a target: press the channels with the least norm per FLOP first (default off)
+    allocation: str | None = None  # with a target: how each cut is spread over the groups, global or uniform
     reconfig_every: int | None = None  # epochs (default 10 with a penalty ratio; with a target, set by the schedule)
     reconfig_steps: int | None = None  # overrides reconfig_every
     steps_per_epoch: int | None = None
@@ -78,9 +80,9 @@ class TrainConfig:
         """The FLOPs budget's settings, defaults filled in."""
         given = {"target_flops": self.target_flops, "prune_until": self.prune_until,
                  "prune_schedule": self.prune_schedule, "reconfigurations": self.reconfigurations,
-                 "compute_aware": self.compute_aware}
+                 "compute_aware": self.compute_aware, "allocation": self.allocation}
         defaults = {"target_flops": DEFAULT_TARGET, "prune_until": DEFAULT_PRUNE_UNTIL, "prune_schedule": "cubic",
-                    "reconfigurations": 8, "compute_aware": False}
+                    "reconfigurations": 8, "compute_aware": False, "allocation": DEFAULT_ALLOCATION}
         return {k: defaults[k] if v is None else v for k, v in given.items()}
 
     @property
@@ -105,6 +107,8 @@ class TrainConfig:
              f"{', '.join(schedule_flags)} place(s) the FLOPs target's schedule; they do not apply with --penalty-ratio"),
             (not (self.compute_aware is not None and not self.budget),
              "--compute-aware weighs the FLOPs target's choice of channels; it needs a target, not --dense or --penalty-ratio"),
+            (not (self.allocation is not None and not self.budget),
+             "--allocation spreads the FLOPs target's cuts over the groups; it needs a target, not --dense or --penalty-ratio"),
             (not (self.budget and self.lasso == "subgradient"),
              "a FLOPs target steers the proximal lasso; use --lasso subgradient only with --penalty-ratio"),
             (self.epochs is None or self.epochs > 0, "--epochs must be positive"),
@@ -134,4 +138,6 @@ class TrainConfig:
                 raise UserError(message)
         if self.budget:
             b = self.budget_values()
-            check_budget(b["target_flops"], b["prune_until"], b["prune_schedule"], b["reconfigurations"])
+            check_budget(b["target_flops"], b["prune_until"], b["prune_schedule"], b["reconfigurations"], b["allocation"])
+            if b["compute_aware"] and b["allocation"] != "global":
+                raise UserError("--compute-aware ranks channels across groups; it applies with --allocation global only")

@@ -77,7 +77,8 @@ class Run:
             reconfig_steps = cfg.reconfig_every * self.steps_per_epoch
         budget = dict(target_flops=cfg.target_flops, total_steps=cfg.epochs * self.steps_per_epoch,
                       prune_until=cfg.prune_until, prune_schedule=cfg.prune_schedule,
-                      reconfigurations=cfg.reconfigurations, compute_aware=cfg.compute_aware) if cfg.budget else {}
+                      reconfigurations=cfg.reconfigurations, compute_aware=cfg.compute_aware,
+                      allocation=cfg.allocation) if cfg.budget else {}
         self.pt = PruneTrain(graph, example, None, penalty_ratio=cfg.penalty_ratio, threshold=cfg.threshold,
                              reconfig_steps=reconfig_steps, round_to=cfg.round_to,
                              proximal=cfg.lasso == "proximal", exact_only=cfg.exact_only, prox_every=cfg.prox_every,
@@ -331,7 +332,8 @@ def _train(cfg: TrainConfig, resume_dir: str | None, console, d: Dist) -> dict[s
     elif cfg.budget:
         mode = (f"PruneTrain to {cfg.target_flops:.0%} of the dense FLOPs by {cfg.prune_until:.0%} of training "
                 f"({cfg.prune_schedule} schedule, {len(range(run.pt.reconfig_steps, run.pt.schedule.until + 1, run.pt.reconfig_steps))} "
-                f"reconfigurations, steered proximal lasso, {'compute-aware' if cfg.compute_aware else 'norm'} scores)")
+                f"reconfigurations, steered proximal lasso, {cfg.allocation} allocation"
+                f"{', compute-aware scores' if cfg.compute_aware else ''})")
     else:
         mode = f"PruneTrain ({cfg.lasso} lasso, penalty ratio {cfg.penalty_ratio})"
     procs = f" x {run.world} processes" if run.world > 1 else ""

@@ -102,12 +102,16 @@ class PruneTrain:
         reconfigurations: int = 8,
         self_check: bool = True,
         compute_aware: bool = False,
+        allocation: str = "global",
         leaf_modules: Iterable[str | type] = (),
         ignore: Iterable[str] = (),
     ) -> None:
         self.schedule: FlopsSchedule | None = None
         if target_flops is not None:
-            check_budget(target_flops, prune_until, prune_schedule, reconfigurations)
+            check_budget(target_flops, prune_until, prune_schedule, reconfigurations, allocation)
+            if compute_aware and allocation != "global":
+                raise UserError("compute-aware scores rank channels across groups; they apply with the global "
+                                "allocation only")
             if penalty_ratio is not None:
                 raise UserError("a FLOPs target steers the lasso strength itself; give either a target or a penalty "
                                 "ratio, not both")
@@ -139,6 +143,7 @@ class PruneTrain:
         self.target_flops = target_flops  # share of the dense forward FLOPs to end with
         self.controller = LassoController()
         self.compute_aware = compute_aware  # with a target: press the channels with the least norm per FLOP first
+        self.allocation = allocation  # with a target: how each cut is spread over the groups (see `_cut_plans`)
         self.budget_done = False  # the schedule's point is past: the lasso is off, nothing more is removed
         self.weights: np.ndarray | None = None  # per channel slot, with a target: the adaptive lasso's weights
         self._weights_on_device: torch.Tensor | None = None
@@ -153,6 +158,7 @@ class PruneTrain:
         # high-resolution groups down to 2-3 channels (their survivors' median rises, so the rest look small).
         self.min_channels = {g.id: math.ceil(target_flops * g.size) for g in self.analysis.groups
                              if g.prunable} if target_flops is not None else {}
+        self.dense_sizes = {g.id: g.size for g in self.analysis.groups if g.prunable}
         self._index: ChannelIndex | None = None
 
     @property
@@ -301,10 +307,31 @@ class PruneTrain:
             shares = np.linspace(1.0, 0.0, 257)
             return self._deepest(lambda i: self._plan(norms, self.threshold, shares[i]), len(shares), goal)[1]
         if self.steps >= self.schedule.until and at_threshold > goal:  # the point: the nearest-zero channels go
-            scores = self._scores(norms)
-            cuts = self._cuts(scores)
-            return self._deepest(lambda i: self._plan(scores, cuts[i]), len(cuts), goal, nearest=True)[1]
+            plan_of, n = self._cut_plans(norms)
+            return self._deepest(plan_of, n, goal, nearest=True)[1]
         return plan
+
+    def _cut_plans(self, norms: dict[int, np.ndarray]) -> tuple[Callable[[int], PrunePlan], int]:
+        """Plans that remove more as their index grows, for `_deepest`. `global`: one cut on the channels'
+        scores across all groups (the smallest relative norms go first, wherever they are). `uniform`: every
+        group keeps the same share of its dense channels, its smallest norms going first: the spread of a
+        narrower network of the same design (no group becomes a bottleneck the others are not), the lasso
+        and the norms choosing the channels within each group."""
+        if self.allocation == "uniform":
+            shares = np.linspace(1.0, 0.0, 513)
+            return (lambda i: self._uniform_plan(norms, float(shares[i]))), len(shares)
+        scores = self._scores(norms)
+        cuts = self._cuts(scores)
+        return (lambda i: self._plan(scores, cuts[i])), len(cuts)
+
+    def _uniform_plan(self, norms: dict[int, np.ndarray], share: float) -> PrunePlan:
+        """Every group keeps its largest norms, `share` of its dense channels (never more than it has now)."""
+        keep = {}
+        for gid, n in norms.items():
+            kept = keep_channels(n, math.inf, self.round_to, 0.0, max(1, math.ceil(share * self.dense_sizes[gid])))
+            if len(kept) < len(n):
+                keep[gid] = tuple(kept.tolist())
+        return keep_every_tensor(self.analysis, PrunePlan(keep), norms)
 
     def _plan(self, norms: dict[int, np.ndarray], cut: float, restore: float = 0.0) -> PrunePlan:
         """Keep the channels with a norm at or over `cut`, plus `restore` of each group's others (largest
@@ -362,9 +389,8 @@ class PruneTrain:
             self._set_weights(None)
             return 0.0
         norms = self.channel_norms()
-        scores = self._scores(norms)
-        cuts = self._cuts(scores)
-        _, plan = self._deepest(lambda i: self._plan(scores, cuts[i]), len(cuts), goal)
+        plan_of, n = self._cut_plans(norms)
+        _, plan = self._deepest(plan_of, n, goal)
         going = np.zeros(self.index.n_slots, dtype=bool)
         flat = np.zeros(self.index.n_slots, dtype=np.float32)
         for gid, n in norms.items():
