@@ -16,6 +16,7 @@ import copy
 import math
 import time
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -318,19 +319,34 @@ class PruneTrain:
         narrower network of the same design (no group becomes a bottleneck the others are not), the lasso
         and the norms choosing the channels within each group."""
         if self.allocation == "uniform":
-            shares = np.linspace(1.0, 0.0, 513)
-            return (lambda i: self._uniform_plan(norms, float(shares[i]))), len(shares)
+            order = self._uniform_order(norms)
+            return (lambda i: self._uniform_plan(norms, order[:i])), len(order) + 1
         scores = self._scores(norms)
         cuts = self._cuts(scores)
         return (lambda i: self._plan(scores, cuts[i])), len(cuts)
 
-    def _uniform_plan(self, norms: dict[int, np.ndarray], share: float) -> PrunePlan:
-        """Every group keeps its largest norms, `share` of its dense channels (never more than it has now)."""
+    def _uniform_order(self, norms: dict[int, np.ndarray]) -> list[int]:
+        """The groups in the order their channels leave under the uniform allocation, one entry per channel: each
+        removal goes to the group that keeps the largest share of its dense channels after it (ties: the group
+        whose next channel has the smallest norm relative to its group's), so that plan i is the uniform spread
+        of i removals, one channel finer than a common share would be."""
+        relative = relative_norms(norms)
+        events = []
+        for gid, n in norms.items():
+            ranked = np.sort(relative[gid])
+            dense = self.dense_sizes[gid]
+            events += [(-(len(n) - j - 1) / dense, float(ranked[j]), gid) for j in range(len(n) - 1)]
+        return [gid for _, _, gid in sorted(events)]
+
+    def _uniform_plan(self, norms: dict[int, np.ndarray], removals: list[int]) -> PrunePlan:
+        """Every group without as many of its smallest norms as `removals` names it (never emptied)."""
+        counts = Counter(removals)
         keep = {}
         for gid, n in norms.items():
-            kept = keep_channels(n, math.inf, self.round_to, 0.0, max(1, math.ceil(share * self.dense_sizes[gid])))
-            if len(kept) < len(n):
-                keep[gid] = tuple(kept.tolist())
+            if counts[gid]:
+                kept = keep_channels(n, math.inf, self.round_to, 0.0, len(n) - counts[gid])
+                if len(kept) < len(n):
+                    keep[gid] = tuple(kept.tolist())
         return keep_every_tensor(self.analysis, PrunePlan(keep), norms)
 
     def _plan(self, norms: dict[int, np.ndarray], cut: float, restore: float = 0.0) -> PrunePlan:
