@@ -5,6 +5,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ptgraph.cli import main
 from ptgraph.errors import UserError
@@ -14,7 +16,7 @@ from ptgraph.trainers import PruneTrain
 from ptgraph.trainers import loop as loop_module
 from ptgraph.trainers.budget import FlopsSchedule, LassoController
 from ptgraph.trainers.config import TrainConfig
-from ptgraph.trainers.prunetrain import relative_norms
+from ptgraph.trainers.allocation import relative_norms, uniform_order
 from ptgraph.trainers.loop import train
 from toy_models import PlainNet, ResidualNet, small_resnet
 
@@ -209,3 +211,17 @@ def test_bad_budget_values_are_one_line_and_exit_2(argv, words, capsys, tmp_path
     code = main(["prune-train", "--model", "toy_models:small_resnet", "--run-dir", str(tmp_path / "r"), *argv])
     err = capsys.readouterr().err
     assert code == 2 and words in err and err.count("\n") == 1, err
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.integers(2, 40), min_size=1, max_size=6), st.integers(0, 2**31 - 1))
+def test_uniform_order_keeps_every_prefix_within_one_channel_of_a_common_share(sizes, seed):
+    rng = np.random.default_rng(seed)
+    norms = {g: rng.random(n) for g, n in enumerate(sizes)}
+    order = uniform_order(norms, dict(enumerate(sizes)))
+    assert sorted(order) == sorted(g for g, n in enumerate(sizes) for _ in range(n - 1))  # all but one per group
+    left = dict(enumerate(sizes))
+    for g in order:
+        left[g] -= 1
+        shares = [left[h] / sizes[h] for h in left]
+        assert max(shares) - min(shares) <= max(1 / n for n in sizes) + 1e-12

@@ -12,7 +12,8 @@ from ptgraph.trainers import loop as loop_module
 from ptgraph.trainers.config import TrainConfig
 from ptgraph.trainers.loop import train
 from ptgraph.trainers.lasso import proximal_step
-from ptgraph.trainers.prunetrain import keep_channels, lasso_lambda
+from ptgraph.trainers.allocation import keep_channels
+from ptgraph.trainers.prunetrain import lasso_lambda
 from toy_models import ResidualNet
 
 

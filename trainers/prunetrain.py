@@ -29,6 +29,7 @@ from ptgraph.errors import UserError
 from ptgraph.graph import Graph, trace
 from ptgraph.passes import ChannelAnalysis, PrunePlan, ShrinkReport, analyze_channels, keep_every_tensor, shrink
 from ptgraph.passes.verify import shrink_error, tolerance_for
+from ptgraph.trainers.allocation import keep_channels, relative_norms, uniform_order
 from ptgraph.trainers.budget import FlopsSchedule, LassoController, check_budget, interval_steps
 from ptgraph.trainers.lasso import ChannelIndex, build_index, channel_sq_norms, group_lasso, proximal_step
 
@@ -49,28 +50,6 @@ def lasso_lambda(task_loss: float, lasso: float, ratio: float) -> float:
     """lambda such that lambda*R0 / (L0 + lambda*R0) == ratio (the paper's penalty ratio)."""
     assert 0 <= ratio < 1
     return ratio * task_loss / (lasso * (1 - ratio)) if lasso > 0 else 0.0
-
-
-def keep_channels(norms: np.ndarray, threshold: float, round_to: int, extra: float = 0.0,
-                  at_least: int = 1) -> np.ndarray:
-    """Indices to keep: norms at or over threshold, plus `extra` of the others, at least `at_least`, rounded up
-    to a multiple of round_to (largest norms win), never fewer than one rounding unit (or the whole group, if smaller)."""
-    size = len(norms)
-    n = int((norms >= threshold).sum())
-    n = max(at_least, n + math.ceil(extra * (size - n)))
-    unit = max(1, round_to)
-    n = min(size, max(unit, math.ceil(n / unit) * unit))
-    return np.sort(np.argsort(-norms, kind="stable")[:n])
-
-
-def relative_norms(norms: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
-    """Each channel's norm over its group's median live norm: comparable across groups of different scale.
-    Channels at zero stay at zero."""
-    out = {}
-    for gid, n in norms.items():
-        live = n[n > 0]
-        out[gid] = n / (float(np.median(live)) if len(live) else 1.0)
-    return out
 
 
 class PruneTrain:
@@ -319,24 +298,11 @@ class PruneTrain:
         narrower network of the same design (no group becomes a bottleneck the others are not), the lasso
         and the norms choosing the channels within each group."""
         if self.allocation == "uniform":
-            order = self._uniform_order(norms)
+            order = uniform_order(norms, self.dense_sizes)
             return (lambda i: self._uniform_plan(norms, order[:i])), len(order) + 1
         scores = self._scores(norms)
         cuts = self._cuts(scores)
         return (lambda i: self._plan(scores, cuts[i])), len(cuts)
-
-    def _uniform_order(self, norms: dict[int, np.ndarray]) -> list[int]:
-        """The groups in the order their channels leave under the uniform allocation, one entry per channel: each
-        removal goes to the group that keeps the largest share of its dense channels after it (ties: the group
-        whose next channel has the smallest norm relative to its group's), so that plan i is the uniform spread
-        of i removals, one channel finer than a common share would be."""
-        relative = relative_norms(norms)
-        events = []
-        for gid, n in norms.items():
-            ranked = np.sort(relative[gid])
-            dense = self.dense_sizes[gid]
-            events += [(-(len(n) - j - 1) / dense, float(ranked[j]), gid) for j in range(len(n) - 1)]
-        return [gid for _, _, gid in sorted(events)]
 
     def _uniform_plan(self, norms: dict[int, np.ndarray], removals: list[int]) -> PrunePlan:
         """Every group without as many of its smallest norms as `removals` names it (never emptied)."""
