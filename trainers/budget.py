@@ -37,7 +37,8 @@ class FlopsSchedule:
         return self.target + (1 - self.target) * left
 
 
-def check_budget(target: float, until: float, shape: str, reconfigurations: int, allocation: str = "global") -> None:
+def check_budget(target: float, until: float, shape: str, reconfigurations: int, allocation: str = "global",
+                 compute_aware: bool = False) -> None:
     """One line per value a user can give wrong (the CLI and the Python object share these)."""
     if not 0 < target <= 1:
         raise UserError(f"--target-flops {target:g} is outside (0, 1]; give the share of the dense FLOPs to keep, e.g. 0.5")
@@ -50,6 +51,8 @@ def check_budget(target: float, until: float, shape: str, reconfigurations: int,
         raise UserError("--reconfigurations must be 1 or more")
     if allocation not in ALLOCATIONS:
         raise UserError(f"--allocation must be one of {', '.join(ALLOCATIONS)}, not {allocation}")
+    if compute_aware and allocation != "global":
+        raise UserError("--compute-aware ranks channels across groups; it applies with --allocation global only")
 
 
 @dataclass

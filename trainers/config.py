@@ -138,6 +138,5 @@ class TrainConfig:
                 raise UserError(message)
         if self.budget:
             b = self.budget_values()
-            check_budget(b["target_flops"], b["prune_until"], b["prune_schedule"], b["reconfigurations"], b["allocation"])
-            if b["compute_aware"] and b["allocation"] != "global":
-                raise UserError("--compute-aware ranks channels across groups; it applies with --allocation global only")
+            check_budget(b["target_flops"], b["prune_until"], b["prune_schedule"], b["reconfigurations"], b["allocation"],
+                         b["compute_aware"])

@@ -88,10 +88,7 @@ class PruneTrain:
     ) -> None:
         self.schedule: FlopsSchedule | None = None
         if target_flops is not None:
-            check_budget(target_flops, prune_until, prune_schedule, reconfigurations, allocation)
-            if compute_aware and allocation != "global":
-                raise UserError("compute-aware scores rank channels across groups; they apply with the global "
-                                "allocation only")
+            check_budget(target_flops, prune_until, prune_schedule, reconfigurations, allocation, compute_aware)
             if penalty_ratio is not None:
                 raise UserError("a FLOPs target steers the lasso strength itself; give either a target or a penalty "
                                 "ratio, not both")
@@ -134,11 +131,11 @@ class PruneTrain:
         self.steps = 0
         self.plans: list[PrunePlan] = []
         self.dense_flops = self._flops = forward_flops(self.model)
+        self.dense_sizes = {g.id: g.size for g in self.analysis.groups if g.prunable}
         # With a target F, no group is cut below F of its dense channels: left alone, the steering ratchets a few
         # high-resolution groups down to 2-3 channels (their survivors' median rises, so the rest look small).
-        self.min_channels = {g.id: math.ceil(target_flops * g.size) for g in self.analysis.groups
-                             if g.prunable} if target_flops is not None else {}
-        self.dense_sizes = {g.id: g.size for g in self.analysis.groups if g.prunable}
+        self.min_channels = ({gid: math.ceil(target_flops * size) for gid, size in self.dense_sizes.items()}
+                             if target_flops is not None else {})
         self._index: ChannelIndex | None = None
 
     @property
