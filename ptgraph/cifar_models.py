@@ -68,24 +68,28 @@ class CifarResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(self.stages(self.stem(x))), 1))
 
 
-def _basic(n: int, num_classes: int) -> CifarResNet:
-    return CifarResNet(BasicBlock, [n, n, n], [16, 32, 64], num_classes)
+def _basic(n: int, num_classes: int, width_mult: float) -> CifarResNet:
+    """The paper's CIFAR ResNet-(6n+2); `width_mult` scales every stage's width (16, 32, 64), so that a narrower
+    network of the same design can be trained from scratch against a pruned one (FLOPs go with its square)."""
+    if not (isinstance(width_mult, (int, float)) and width_mult > 0):
+        raise UserError(f"width_mult={width_mult!r} must be a positive number, e.g. width_mult=0.55")
+    return CifarResNet(BasicBlock, [n, n, n], [max(1, round(w * width_mult)) for w in (16, 32, 64)], num_classes)
 
 
-def resnet20(num_classes: int = 10) -> CifarResNet:
-    return _basic(3, num_classes)
+def resnet20(num_classes: int = 10, width_mult: float = 1.0) -> CifarResNet:
+    return _basic(3, num_classes, width_mult)
 
 
-def resnet32(num_classes: int = 10) -> CifarResNet:
-    return _basic(5, num_classes)
+def resnet32(num_classes: int = 10, width_mult: float = 1.0) -> CifarResNet:
+    return _basic(5, num_classes, width_mult)
 
 
-def resnet56(num_classes: int = 10) -> CifarResNet:
-    return _basic(9, num_classes)
+def resnet56(num_classes: int = 10, width_mult: float = 1.0) -> CifarResNet:
+    return _basic(9, num_classes, width_mult)
 
 
-def resnet110(num_classes: int = 10) -> CifarResNet:
-    return _basic(18, num_classes)
+def resnet110(num_classes: int = 10, width_mult: float = 1.0) -> CifarResNet:
+    return _basic(18, num_classes, width_mult)
 
 
 def resnet50(num_classes: int = 10) -> CifarResNet:

@@ -87,3 +87,17 @@ def test_cifar_mobilenet_v2_rejects_other_strides():
 
     with pytest.raises(UserError, match="stride=8 or stride=16"):
         build_model("ptgraph:mobilenet_v2?stride=32")
+
+
+def test_cifar_resnet_width_mult_scales_every_stage():
+    """A narrower ResNet of the same design (the from-scratch baseline a pruned one is compared with)."""
+    from ptgraph.errors import UserError
+    from ptgraph.specs import build_model
+
+    narrow = build_model("ptgraph:resnet20?width_mult=0.5")
+    assert [m.out_channels for m in narrow.modules() if isinstance(m, torch.nn.Conv2d)][:1] == [8]
+    assert narrow.fc.in_features == 32
+    _, share = _check(narrow, 32)
+    assert share > 0.9
+    with pytest.raises(UserError, match="width_mult"):
+        build_model("ptgraph:resnet20?width_mult=0")
