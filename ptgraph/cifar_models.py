@@ -71,7 +71,7 @@ class CifarResNet(nn.Module):
 def _basic(n: int, num_classes: int, width_mult: float) -> CifarResNet:
     """The paper's CIFAR ResNet-(6n+2); `width_mult` scales every stage's width (16, 32, 64), so that a narrower
     network of the same design can be trained from scratch against a pruned one (FLOPs go with its square)."""
-    if not (isinstance(width_mult, (int, float)) and width_mult > 0):
+    if isinstance(width_mult, bool) or not (isinstance(width_mult, (int, float)) and width_mult > 0):
         raise UserError(f"width_mult={width_mult!r} must be a positive number, e.g. width_mult=0.55")
     return CifarResNet(BasicBlock, [n, n, n], [max(1, round(w * width_mult)) for w in (16, 32, 64)], num_classes)
 

@@ -95,9 +95,12 @@ def test_cifar_resnet_width_mult_scales_every_stage():
     from ptgraph.specs import build_model
 
     narrow = build_model("ptgraph:resnet20?width_mult=0.5")
-    assert [m.out_channels for m in narrow.modules() if isinstance(m, torch.nn.Conv2d)][:1] == [8]
+    widths = [m.out_channels for m in narrow.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert widths[:1] == [8] and set(widths) == {8, 16, 32}
     assert narrow.fc.in_features == 32
     _, share = _check(narrow, 32)
     assert share > 0.9
     with pytest.raises(UserError, match="width_mult"):
         build_model("ptgraph:resnet20?width_mult=0")
+    with pytest.raises(UserError, match="width_mult"):
+        build_model("ptgraph:resnet20?width_mult=True")
