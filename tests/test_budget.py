@@ -94,6 +94,18 @@ def test_uniform_allocation_keeps_the_same_share_of_every_group():
     assert max(shares.values()) < 1  # every group gave some
 
 
+def test_allocation_defaults_to_uniform_and_compute_aware_implies_global():
+    def made(**kw):
+        return PruneTrain(ResidualNet(width=8), torch.randn(2, 3, 8, 8), None, target_flops=0.5, total_steps=10, **kw)
+    assert made().allocation == "uniform"
+    assert made(compute_aware=True).allocation == "global"
+    assert made(allocation="global").allocation == "global"
+    assert TrainConfig(model="m").resolved("synthetic").allocation == "uniform"
+    assert TrainConfig(model="m", compute_aware=True).resolved("synthetic").allocation == "global"
+    with pytest.raises(UserError, match="--compute-aware ranks channels across groups"):
+        made(compute_aware=True, allocation="uniform")
+
+
 def test_an_unknown_allocation_is_refused():
     with pytest.raises(UserError, match="--allocation must be one of"):
         PruneTrain(ResidualNet(width=8), torch.randn(2, 3, 8, 8), None, target_flops=0.5, total_steps=10,

@@ -170,8 +170,8 @@ CIFAR_RUNS = [
     # (on the CPU's 10 short epochs a width-0.3 network from scratch is 4.8 points under width 0.5)
     CifarRun("mobilenet_v2-dense", MOBILENET, "dense", 60),
     CifarRun("mobilenet_v2-w0.3-dense", MOBILENET.replace("width_mult=0.5", "width_mult=0.3"), "dense", 60),
-    CifarRun("mobilenet_v2-t0.5-global-p4", MOBILENET, "prunetrain", 60, 0.5, 4),
-    CifarRun("mobilenet_v2-t0.5-uniform-p4", MOBILENET, "prunetrain", 60, 0.5, 4, ("--allocation", "uniform")),
+    CifarRun("mobilenet_v2-t0.5-uniform-p4", MOBILENET, "prunetrain", 60, 0.5, 4),
+    CifarRun("mobilenet_v2-t0.5-global-p4", MOBILENET, "prunetrain", 60, 0.5, 4, ("--allocation", "global")),
 ]
 
 

@@ -6,10 +6,9 @@ import math
 from dataclasses import dataclass
 
 from ptgraph.errors import UserError
-from ptgraph.trainers.budget import check_budget
+from ptgraph.trainers.budget import check_budget, resolve_allocation
 
 DEFAULT_TARGET = 0.5  # docs/BENCHMARKS.md section 1: ResNet-20 and MobileNetV2 at half their FLOPs, near dense
-DEFAULT_ALLOCATION = "global"
 DEFAULT_PRUNE_UNTIL = 0.5  # section 1: ResNet-20 0.65 points under dense at 0.5, 3.4 under at 0.3
 TOKENS_LR = 0.5  # SGD on token data (tiny GPT on tokens:synthetic; see docs/BENCHMARKS.md)
 
@@ -33,7 +32,7 @@ class TrainConfig:
     prune_schedule: str | None = None  # cubic (default) or linear, from dense to the target
     reconfigurations: int | None = None  # shrinks on the way to the target (default 8)
     compute_aware: bool | None = None  # with a target: press the channels with the least norm per FLOP first (default off)
-    allocation: str | None = None  # with a target: how each cut is spread over the groups, global or uniform
+    allocation: str | None = None  # with a target: how each cut is spread over the groups (default uniform; global with compute_aware)
     reconfig_every: int | None = None  # epochs (default 10 with a penalty ratio; with a target, set by the schedule)
     reconfig_steps: int | None = None  # overrides reconfig_every
     steps_per_epoch: int | None = None
@@ -82,8 +81,9 @@ class TrainConfig:
                  "prune_schedule": self.prune_schedule, "reconfigurations": self.reconfigurations,
                  "compute_aware": self.compute_aware, "allocation": self.allocation}
         defaults = {"target_flops": DEFAULT_TARGET, "prune_until": DEFAULT_PRUNE_UNTIL, "prune_schedule": "cubic",
-                    "reconfigurations": 8, "compute_aware": False, "allocation": DEFAULT_ALLOCATION}
-        return {k: defaults[k] if v is None else v for k, v in given.items()}
+                    "reconfigurations": 8, "compute_aware": False, "allocation": None}
+        values = {k: defaults[k] if v is None else v for k, v in given.items()}
+        return {**values, "allocation": resolve_allocation(self.allocation, values["compute_aware"])}
 
     @property
     def budget(self) -> bool:

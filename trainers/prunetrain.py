@@ -30,7 +30,7 @@ from ptgraph.graph import Graph, trace
 from ptgraph.passes import ChannelAnalysis, PrunePlan, ShrinkReport, analyze_channels, keep_every_tensor, shrink
 from ptgraph.passes.verify import shrink_error, tolerance_for
 from ptgraph.trainers.allocation import keep_channels, relative_norms, uniform_order
-from ptgraph.trainers.budget import FlopsSchedule, LassoController, check_budget, interval_steps
+from ptgraph.trainers.budget import FlopsSchedule, LassoController, check_budget, interval_steps, resolve_allocation
 from ptgraph.trainers.lasso import ChannelIndex, build_index, channel_sq_norms, group_lasso, proximal_step
 
 DEFAULT_RATIO = 0.2  # the paper's, for its 182 epochs
@@ -82,7 +82,7 @@ class PruneTrain:
         reconfigurations: int = 8,
         self_check: bool = True,
         compute_aware: bool = False,
-        allocation: str = "global",
+        allocation: str | None = None,
         leaf_modules: Iterable[str | type] = (),
         ignore: Iterable[str] = (),
     ) -> None:
@@ -120,7 +120,7 @@ class PruneTrain:
         self.target_flops = target_flops  # share of the dense forward FLOPs to end with
         self.controller = LassoController()
         self.compute_aware = compute_aware  # with a target: press the channels with the least norm per FLOP first
-        self.allocation = allocation  # with a target: how each cut is spread over the groups (see `_cut_plans`)
+        self.allocation = resolve_allocation(allocation, compute_aware)  # with a target: how each cut is spread (see `_cut_plans`)
         self.budget_done = False  # the schedule's point is past: the lasso is off, nothing more is removed
         self.weights: np.ndarray | None = None  # per channel slot, with a target: the adaptive lasso's weights
         self._weights_on_device: torch.Tensor | None = None
