@@ -44,3 +44,16 @@ def test_cifar_table_runs_both_modes_and_reuses_finished_runs(tmp_path, capsys):
     assert "--penalty-ratio must be in [0, 1)" in capsys.readouterr().out
     assert cifar_table.main(argv[:-6] + ["--target-flops", "1.5", "--out", str(tmp_path)]) == 2
     assert "--target-flops 1.5 is outside" in capsys.readouterr().out
+
+
+def test_budget_sweep_reaches_the_target_and_reports_a_model_that_fails(tmp_path):
+    import budget_sweep
+
+    out = tmp_path / "sweep.md"
+    rows = budget_sweep.main(["--models", "ptgraph:resnet20?num_classes=10,torchvision:no_such_net", "--steps", "16",
+                              "--size", "32", "--batch", "4", "--out", str(out)])
+    good, bad = rows
+    assert abs(good["share"] - 0.5) <= 0.05 and good["before_point"] >= 2 and good["finite"]
+    assert "no_such_net" in bad["error"]
+    text = out.read_text()
+    assert "1 of 2 models within 0.05 of the target" in text and "| torchvision:no_such_net | - | - | error:" in text

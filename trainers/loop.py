@@ -239,7 +239,8 @@ class Run:
                   "check_seconds_total": self.pt.check_seconds}
         if self.cfg.dynamic_batch:
             record.update(self._grow_batch(act_before / max(activation_elements(self.model), 1)))
-        console.print(f"reconfigure @ step {r.step}: {len(r.report.groups)} groups shrank ({shrunk}{more}); "
+        n = len(r.report.groups)
+        console.print(f"reconfigure @ step {r.step}: {n} group{'s' if n != 1 else ''} shrank ({shrunk}{more}); "
                       f"FLOPs/img {r.flops_before / 1e6:.1f}M -> {r.flops_after / 1e6:.1f}M"
                       + (f" (schedule {goal / 1e6:.1f}M)" if goal is not None else "") + "; "
                       f"params {r.report.params_before:,} -> {r.report.params_after:,}; {r.seconds:.3f} s"
