@@ -49,7 +49,7 @@ def run_one(spec: str, args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     pt = PruneTrain(model, x[:2], opt, target_flops=args.target, total_steps=args.steps,
                     reconfigurations=args.reconfigurations, **({"allocation": args.allocation} if args.allocation else {}))
-    shrinks, losses = [], []
+    shrinks, lags = [], []
     for _ in range(args.steps):
         x = torch.randn(args.batch, 3, args.size, args.size)
         y = torch.randint(0, classes, (args.batch,))
@@ -58,15 +58,18 @@ def run_one(spec: str, args: argparse.Namespace) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         pt.after_step()
-        losses.append(float(loss))
-        if pt.reconfiguration_due() and (r := pt.reconfigure()) is not None:
+        if not pt.reconfiguration_due():
+            continue
+        if (r := pt.reconfigure()) is not None:
             shrinks.append(r.step)
+        if pt.steps < pt.schedule.until:  # how far the lasso's zeros fell behind the schedule (the point cuts by norm)
+            lags.append((pt.flops - pt.scheduled_flops) / pt.dense_flops)
     out = pt.model(torch.randn(2, 3, args.size, args.size))
     out.float().sum().backward()  # the shrunk model still trains
     return {"model": spec, "target": args.target, "share": pt.flops / pt.dense_flops,
             "dense_flops": pt.dense_flops, "flops": pt.flops, "shrinks": len(shrinks),
             "before_point": sum(s < pt.schedule.until for s in shrinks), "frozen": len(pt.frozen),
-            "groups": len(pt.dense_sizes), "allocation": pt.allocation, "finite": bool(torch.isfinite(out).all()),
+            "groups": len(pt.dense_sizes), "lag": max(lags, default=0.0), "allocation": pt.allocation, "finite": bool(torch.isfinite(out).all()),
             "seconds": time.perf_counter() - start, "check_seconds": pt.check_seconds}
 
 
@@ -102,14 +105,15 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
              f"reconfigurations, {args.size}x{args.size} random images, batch {args.batch}, SGD lr {args.lr:g}, "
              f"{args.threads} thread(s), load average {os.getloadavg()[0]:.1f}: {len(hit)} of {len(rows)} models within "
              f"0.05 of the target with at least two shrinks before the point and a finite output.", "",
-             "| model | groups | allocation | FLOPs share | shrinks (before the point) | frozen groups | seconds |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| model | groups | allocation | FLOPs share | shrinks (before the point) | largest lag behind the schedule "
+             "before the point | frozen groups | seconds |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | - | - | error: {r['error']} | - | - | - |")
+            lines.append(f"| {r['model']} | - | - | error: {r['error']} | - | - | - | - |")
         else:
             lines.append(f"| {r['model']} | {r['groups']} | {r['allocation']} | {r['share']:.3f} | {r['shrinks']} "
-                         f"({r['before_point']}) | {r['frozen']} | {r['seconds']:.0f} |")
+                         f"({r['before_point']}) | {r['lag']:+.3f} of dense | {r['frozen']} | {r['seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
