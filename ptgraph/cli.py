@@ -251,7 +251,7 @@ def _train_parser(sub) -> None:
                         "strength is steered there (default: 0.5, unless --penalty-ratio is given)")
     p.add_argument("--prune-until", type=float, default=None,
                    help="share of the training steps by which the target is reached; the rest trains the smaller "
-                        "network plainly (default: 0.5)")
+                        "network plainly (default: 0.3)")
     p.add_argument("--prune-schedule", choices=("cubic", "linear"), default=None,
                    help="FLOPs from dense to the target: cubic cuts most early, linear evenly (default: cubic)")
     p.add_argument("--reconfigurations", type=int, default=None,

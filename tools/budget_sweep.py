@@ -1,8 +1,8 @@
 """Does one FLOPs target mean the same on models the steering was not tuned on? A sweep of the PruneTrain object.
 
 For each model spec, builds it from its config (nothing is downloaded), and trains it for a few steps
-on random images and labels with the product's defaults for a target (half the dense FLOPs by half
-of the steps, cubic schedule, uniform allocation; `--target`, `--reconfigurations` and the other
+on random images and labels with the product's defaults for a target (half the dense FLOPs by 30%
+of the steps, cubic schedule, 8 reconfigurations, uniform allocation; `--target`, `--reconfigurations` and the other
 flags change them), exactly as the README's loop does. Records the final FLOPs against the target,
 the shrinks before the schedule's point (gradual or not), the groups the self-check froze, and
 whether the final model still runs forward and backward. Each model runs in its own subprocess
@@ -69,7 +69,7 @@ def run_one(spec: str, args: argparse.Namespace) -> dict:
     return {"model": spec, "target": args.target, "share": pt.flops / pt.dense_flops,
             "dense_flops": pt.dense_flops, "flops": pt.flops, "shrinks": len(shrinks),
             "before_point": sum(s < pt.schedule.until for s in shrinks), "frozen": len(pt.frozen),
-            "groups": len(pt.dense_sizes), "lag": max(lags, default=0.0), "allocation": pt.allocation, "finite": bool(torch.isfinite(out).all()),
+            "groups": len(pt.dense_sizes), "until": pt.schedule.until, "lag": max(lags, default=0.0), "allocation": pt.allocation, "finite": bool(torch.isfinite(out).all()),
             "seconds": time.perf_counter() - start, "check_seconds": pt.check_seconds}
 
 
@@ -101,7 +101,8 @@ def forwarded(args: argparse.Namespace) -> list[str]:
 def table(rows: list[dict], args: argparse.Namespace) -> str:
     ok = [r for r in rows if "error" not in r]
     hit = [r for r in ok if abs(r["share"] - args.target) <= 0.05 and r["before_point"] >= 2 and r["finite"]]
-    lines = [f"Target {args.target:g} of the dense FLOPs by half of {args.steps} steps, {args.reconfigurations} "
+    until = ok[0]["until"] if ok else None
+    lines = [f"Target {args.target:g} of the dense FLOPs by step {until} of {args.steps}, {args.reconfigurations} "
              f"reconfigurations, {args.size}x{args.size} random images, batch {args.batch}, SGD lr {args.lr:g}, "
              f"{args.threads} thread(s), load average {os.getloadavg()[0]:.1f}: {len(hit)} of {len(rows)} models within "
              f"0.05 of the target with at least two shrinks before the point and a finite output.", "",
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated model specs")
     p.add_argument("--target", type=float, default=0.5)
-    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--steps", type=int, default=80, help="default: 80 (the point at step 24, a shrink every 3)")
     p.add_argument("--reconfigurations", type=int, default=8)
     p.add_argument("--allocation", choices=("uniform", "global"), default=None, help="default: the product's")
     p.add_argument("--size", type=int, default=64, help="image side (default: 64)")

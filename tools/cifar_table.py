@@ -30,6 +30,7 @@ from bench_step import step_timer
 from ptgraph.errors import UserError
 from ptgraph.specs import parse_spec
 from ptgraph.trainers import checkpoint
+from ptgraph.trainers.budget import DEFAULT_PRUNE_UNTIL
 from ptgraph.trainers.config import TrainConfig
 from ptgraph.trainers.distributed import pick_device
 from ptgraph.trainers.loop import logits, train
@@ -87,8 +88,9 @@ def final_step_times(run_dirs: dict, batch: int, steps: int, device: str, rounds
 def schedule_text(cfg: TrainConfig, args: argparse.Namespace) -> str:
     lr = "cosine" if cfg.schedule == "cosine" else "x0.1 at 50%/75%"
     steps = f" of {cfg.steps_per_epoch} steps" if cfg.steps_per_epoch else ""
+    until = DEFAULT_PRUNE_UNTIL if args.prune_until is None else args.prune_until
     return (f"{cfg.epochs} epochs{steps}, batch {cfg.batch_size or 128}, lr {cfg.lr if cfg.lr is not None else 0.1:g} ({lr}), "
-            f"targets reached by {args.prune_until:g} of the steps ({args.prune_schedule}, {args.reconfigurations} "
+            f"targets reached by {until:g} of the steps ({args.prune_schedule}, {args.reconfigurations} "
             f"reconfigurations); ratios reconfigure every {args.reconfig_every} epochs; "
             f"threshold {cfg.threshold:g}, round-to {cfg.round_to or 'auto (8 on CUDA, 1 on CPU)'}, proximal step every {cfg.prox_every} steps")
 
@@ -151,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--schedule", choices=("step", "cosine"), default="step")
     p.add_argument("--reconfig-every", type=int, default=2, help="epochs between reconfigurations, for ratio runs")
     p.add_argument("--target-flops", default="0.5", help="comma-separated: one PruneTrain run per FLOPs target")
-    p.add_argument("--prune-until", type=float, default=0.5)
+    p.add_argument("--prune-until", type=float, default=None, help="target runs (default: the product's)")
     p.add_argument("--prune-schedule", choices=("cubic", "linear"), default="cubic")
     p.add_argument("--reconfigurations", type=int, default=8)
     p.add_argument("--compute-aware", action=argparse.BooleanOptionalAction, default=None,

@@ -161,7 +161,7 @@ class CifarRun:
 
 MOBILENET = "ptgraph:mobilenet_v2?width_mult=0.5&stride=16&num_classes=10"
 CIFAR_RUNS = [
-    # the paper's models at the product's default flags (target 0.5 by half the steps, cubic, 8 reconfigurations)
+    # the paper's models at the product's default flags (target 0.5 by 30% of the steps, cubic, 8 reconfigurations)
     CifarRun("resnet32-dense", "ptgraph:resnet32", "dense", 60),
     CifarRun("resnet32-t0.5-p4", "ptgraph:resnet32", "prunetrain", 60, 0.5, 4),
     CifarRun("resnet56-dense", "ptgraph:resnet56", "dense", 60),

@@ -6,10 +6,9 @@ import math
 from dataclasses import dataclass
 
 from ptgraph.errors import UserError
-from ptgraph.trainers.budget import check_budget, resolve_allocation
+from ptgraph.trainers.budget import DEFAULT_PRUNE_UNTIL, check_budget, resolve_allocation
 
 DEFAULT_TARGET = 0.5  # docs/BENCHMARKS.md section 1: ResNet-20 and MobileNetV2 at half their FLOPs, near dense
-DEFAULT_PRUNE_UNTIL = 0.5  # section 1: ResNet-20 0.65 points under dense at 0.5, 3.4 under at 0.3
 TOKENS_LR = 0.5  # SGD on token data (tiny GPT on tokens:synthetic; see docs/BENCHMARKS.md)
 
 
@@ -28,7 +27,7 @@ class TrainConfig:
     lasso: str = "proximal"  # proximal (group soft-thresholding) or subgradient (penalty in the loss)
     prox_every: int = 1  # steps between proximal thresholdings (each with the strength of all of them)
     target_flops: float | None = None  # end at this share of the dense forward FLOPs (default 0.5 without a ratio)
-    prune_until: float | None = None  # share of the training steps by which to reach the target (default 0.5)
+    prune_until: float | None = None  # share of the training steps by which to reach the target (default 0.3)
     prune_schedule: str | None = None  # cubic (default) or linear, from dense to the target
     reconfigurations: int | None = None  # shrinks on the way to the target (default 8)
     compute_aware: bool | None = None  # with a target: press the channels with the least norm per FLOP first (default off)

@@ -30,7 +30,7 @@ from ptgraph.graph import Graph, trace
 from ptgraph.passes import ChannelAnalysis, PrunePlan, ShrinkReport, analyze_channels, keep_every_tensor, shrink
 from ptgraph.passes.verify import shrink_error, tolerance_for
 from ptgraph.trainers.allocation import keep_channels, relative_norms, uniform_order
-from ptgraph.trainers.budget import FlopsSchedule, LassoController, check_budget, interval_steps, resolve_allocation
+from ptgraph.trainers.budget import DEFAULT_PRUNE_UNTIL, FlopsSchedule, LassoController, check_budget, interval_steps, resolve_allocation
 from ptgraph.trainers.lasso import ChannelIndex, build_index, channel_sq_norms, group_lasso, proximal_step
 
 DEFAULT_RATIO = 0.2  # the paper's, for its 182 epochs
@@ -77,7 +77,7 @@ class PruneTrain:
         prox_every: int = 1,
         target_flops: float | None = None,
         total_steps: int | None = None,
-        prune_until: float = 0.5,
+        prune_until: float = DEFAULT_PRUNE_UNTIL,
         prune_schedule: str = "cubic",
         reconfigurations: int = 8,
         self_check: bool = True,
