@@ -57,3 +57,11 @@ def test_budget_sweep_reaches_the_target_and_reports_a_model_that_fails(tmp_path
     assert "no_such_net" in bad["error"] and -1 < good["lag"] < 1
     text = out.read_text()
     assert "1 of 2 models within 0.05 of the target" in text and "| torchvision:no_such_net | - | - | error:" in text
+
+
+def test_budget_sweep_refuses_a_bad_target_before_building_anything(capsys):
+    import budget_sweep
+
+    with pytest.raises(SystemExit) as e:
+        budget_sweep.main(["--target", "1.5", "--models", "torchvision:resnet50"])
+    assert e.value.code == 2 and "--target-flops 1.5 is outside (0, 1]" in capsys.readouterr().err

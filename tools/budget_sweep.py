@@ -23,6 +23,9 @@ import sys
 import time
 from pathlib import Path
 
+from ptgraph.errors import UserError
+from ptgraph.trainers.budget import DEFAULT_PRUNE_UNTIL, check_budget
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODELS = ",".join([
     "torchvision:resnet50", "torchvision:mobilenet_v3_small", "torchvision:efficientnet_b0",
@@ -121,7 +124,7 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated model specs")
-    p.add_argument("--target", type=float, default=0.5)
+    p.add_argument("--target-flops", "--target", dest="target", type=float, default=0.5)
     p.add_argument("--steps", type=int, default=80, help="default: 80 (the point at step 24, a shrink every 3)")
     p.add_argument("--reconfigurations", type=int, default=8)
     p.add_argument("--allocation", choices=("uniform", "global"), default=None, help="default: the product's")
@@ -133,6 +136,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--out", default=None, help="markdown table (default: print it)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.steps < 1 or args.batch < 1 or args.size < 1:
+        p.error("--steps, --batch and --size must be 1 or more")
+    try:
+        check_budget(args.target, DEFAULT_PRUNE_UNTIL, "cubic", args.reconfigurations, args.allocation)
+    except UserError as e:
+        p.error(str(e))  # one line and exit 2, before any model is built
     if args.worker:
         row = run_one(args.worker, args)
         print(json.dumps(row))
