@@ -44,6 +44,9 @@ def test_cifar_table_runs_both_modes_and_reuses_finished_runs(tmp_path, capsys):
     assert "--penalty-ratio must be in [0, 1)" in capsys.readouterr().out
     assert cifar_table.main(argv[:-6] + ["--target-flops", "1.5", "--out", str(tmp_path)]) == 2
     assert "--target-flops 1.5 is outside" in capsys.readouterr().out
+    bad_data = [("cifar10-jpeg.npz" if a == "synthetic:easy" else a) for a in argv[:-2]]
+    assert cifar_table.main(bad_data + ["--out", str(tmp_path / "bad")]) == 2
+    assert "unknown --data 'cifar10-jpeg.npz'" in capsys.readouterr().out
 
 
 def test_budget_sweep_reaches_the_target_and_reports_a_model_that_fails(tmp_path):

@@ -208,15 +208,15 @@ def main(argv: list[str] | None = None) -> int:
                                                          prune_schedule=args.prune_schedule,
                                                          compute_aware=args.compute_aware,
                                                          allocation=args.allocation)))
-        try:
+        folders = {key: out / run_folder(name, *key) for key in configs}
+        try:  # the configs first, so that a bad flag costs no training; the data and model are read by the first run
             for c in configs.values():
                 c.check()
+            results = {key: run_one(dataclasses.replace(c, run_dir=str(folders[key])), folders[key])
+                       for key, c in configs.items()}
         except UserError as e:
             print(f"error: {e}")
             return 2
-        folders = {key: out / run_folder(name, *key) for key in configs}
-        results = {key: run_one(dataclasses.replace(c, run_dir=str(folders[key])), folders[key])
-                   for key, c in configs.items()}
         if (None, None) not in results or len(results) < 2:
             continue
         step = {}
