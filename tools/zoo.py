@@ -392,6 +392,26 @@ def _write_raw(path: Path, results: dict[str, dict[str, Any]], runs: list[dict[s
     tmp.replace(path)
 
 
+def records(args: argparse.Namespace, chosen: list[str], pool: list[str]
+            ) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]], dict[str, Any] | None, list[str]]:
+    """The --raw file's records, sweeps and timing (with --reuse), and the models to run: `chosen`, or with
+    --reuse and no --models the models of `pool` the file lacks."""
+    if args.raw is None or not args.reuse:
+        return {}, [], None, chosen
+    results, runs, timing = _load_raw(Path(args.raw))
+    return results, runs, timing, chosen if args.models else [m for m in pool if m not in results]
+
+
+def new_sweep(argv: list[str] | None, todo: list[str], mach: dict[str, str], runs: list[dict[str, Any]]
+              ) -> dict[str, Any]:
+    """This sweep's record (command, models, start, load), added to `runs` when it has models to run."""
+    command = "python tools/zoo.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    run = {"command": command.strip(), "models": len(todo), "started": _now(), "wall_s": 0.0, "load": mach["load"]}
+    if todo:
+        runs.append(run)
+    return run
+
+
 def _sweep(todo: list[str], run_one: Callable[[str], dict[str, Any]], jobs: int, results: dict, run: dict,
            t0: float, save: Callable[[], None]) -> None:
     """Run every model (in parallel processes when jobs > 1), a progress line each, saving after each."""
@@ -455,18 +475,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: not torchvision classification models: {', '.join(unknown)}", file=sys.stderr)
         return 2
     raw = Path(args.raw) if args.raw else None
-    results: dict[str, dict[str, Any]] = {}
-    runs: list[dict[str, Any]] = []
-    timing = None
-    todo = chosen
-    if raw is not None and args.reuse:
-        results, runs, timing = _load_raw(raw)
-        todo = chosen if args.models else [m for m in everything if m not in results]
-    command = "python tools/zoo.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    results, runs, timing, todo = records(args, chosen, everything)
     mach = machine()
-    run = {"command": command.strip(), "models": len(todo), "started": _now(), "wall_s": 0.0, "load": mach["load"]}
-    if todo:
-        runs.append(run)
+    run = new_sweep(argv, todo, mach, runs)
     t0 = time.perf_counter()
     threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
 

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from zoo import (CONV_TARGET, REL_TOLERANCE, ROOT, TIMM_BEGIN, TIMM_END, _cell, _int, _last_line, _load_raw, _now,
-                 _pct, _sweep, _write_raw, machine, run_model)
+from zoo import (CONV_TARGET, REL_TOLERANCE, ROOT, TIMM_BEGIN, TIMM_END, _cell, _int, _last_line, _pct, _sweep,
+                 _write_raw, machine, new_sweep, records, run_model)
 
 ZOO = Path(__file__).resolve().parent / "zoo.py"  # the subprocesses' entry point
 
@@ -311,18 +310,10 @@ def main_timm(args: argparse.Namespace, argv: list[str] | None) -> int:
     else:
         chosen = [m for m, _ in families]
     raw = Path(args.raw) if args.raw else None
-    results: dict[str, dict[str, Any]] = {}
-    runs: list[dict[str, Any]] = []
-    todo = chosen
-    if raw is not None and args.reuse:
-        results, runs, _ = _load_raw(raw)
-        todo = chosen if args.models else [m for m in chosen if m not in results]
-    command = "python tools/zoo.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    results, runs, _, todo = records(args, chosen, chosen)
     mach = machine()
     mach["timm"] = timm.__version__
-    run = {"command": command.strip(), "models": len(todo), "started": _now(), "wall_s": 0.0, "load": mach["load"]}
-    if todo:
-        runs.append(run)
+    run = new_sweep(argv, todo, mach, runs)
     t0 = time.perf_counter()
     threads = 1 if args.jobs > 1 else None
 
