@@ -57,7 +57,7 @@ def is_cnn(name: str) -> bool:
     return not name.startswith(TRANSFORMER_PREFIXES)
 
 
-def _last_line(text: str) -> str:
+def last_line(text: str) -> str:
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
     return lines[-1] if lines else ""
 
@@ -100,7 +100,7 @@ def run_model(name: str, ratio: float, timeout: float, threads: int | None, fami
     try:
         info = json.loads(proc.stdout)
     except json.JSONDecodeError:
-        line = _last_line(proc.stderr) or f"exit code {proc.returncode}, no output"
+        line = last_line(proc.stderr) or f"exit code {proc.returncode}, no output"
         rec.update(status="refused" if proc.returncode == 2 else "error", why=line)
         return rec
     if "refused" in info:
@@ -140,7 +140,7 @@ def run_model(name: str, ratio: float, timeout: float, threads: int | None, fami
             parts.append(f"rel err {rec['rel_err']:.1e} > {REL_TOLERANCE:.0e}")
         if rec["params_after"] != rec["params_predicted"]:
             parts.append(f"params {rec['params_after']} != predicted {rec['params_predicted']}")
-        rec["why"] = "verify failed: " + ("; ".join(parts) or _last_line(proc.stderr) or "output shape changed")
+        rec["why"] = "verify failed: " + ("; ".join(parts) or last_line(proc.stderr) or "output shape changed")
     else:
         rec["status"] = "ok"
         notes = []
@@ -213,7 +213,7 @@ def run_timing(models: list[str], runs: int, ratio: float, timeout: float) -> di
     try:
         return {"models": json.loads(proc.stdout), "load": load, "date": date}
     except json.JSONDecodeError:
-        return {"error": _last_line(proc.stderr) or f"exit code {proc.returncode}"}
+        return {"error": last_line(proc.stderr) or f"exit code {proc.returncode}"}
 
 
 def _now() -> str:
@@ -245,15 +245,15 @@ def machine() -> dict[str, str]:
             "os": f"{platform.system()} {platform.release()}", "load": _load()}
 
 
-def _pct(x: float | None) -> str:
+def fmt_pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
-def _int(x: int | None) -> str:
+def fmt_int(x: int | None) -> str:
     return "-" if x is None else f"{x:,}"
 
 
-def _cell(text: str) -> str:
+def cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
@@ -296,7 +296,7 @@ def render(results: list[dict[str, Any]], timing: dict[str, Any] | None, runs: l
         lines.append("- not verified: " + "; ".join(f"{r['model']} ({r.get('why', r['status'])})" for r in bad))
     if low:
         lines.append("- CNNs at or under the conv target: "
-                     + "; ".join(f"{r['model']} {_pct(r['conv_share'])}" for r in low))
+                     + "; ".join(f"{r['model']} {fmt_pct(r['conv_share'])}" for r in low))
     lines += [
         "",
         "Columns: *groups* / *prunable*: channel groups and how many are not frozen; *channels*: share of all",
@@ -313,7 +313,7 @@ def render(results: list[dict[str, Any]], timing: dict[str, Any] | None, runs: l
     ]
     for r in sorted(results, key=lambda r: r["model"]):
         if "groups" not in r:
-            lines.append(f"| {r['model']} | - | - | - | - | {r['status']} | - | - | - | - | - | {_cell(r.get('why', ''))} |")
+            lines.append(f"| {r['model']} | - | - | - | - | {r['status']} | - | - | - | - | - | {cell(r.get('why', ''))} |")
             continue
         verdict = "ok" if r["verify_ok"] else "**FAIL**"
         rel = "-" if r["rel_err"] is None else f"{r['rel_err']:.1e}"
@@ -321,10 +321,10 @@ def render(results: list[dict[str, Any]], timing: dict[str, Any] | None, runs: l
         onnx = "-" if r.get("onnx_rel_err") is None else \
             f"{'ok' if r.get('onnx_ok') else '**FAIL**'} ({r['onnx_rel_err']:.1e})"
         lines.append(
-            f"| {r['model']} | {r['groups']} | {r['prunable_groups']} | {_pct(r['channel_share'])} | "
-            f"{_pct(r['conv_share'])} | {verdict} | {rel} | {onnx} | {_int(r['params_before'])} | "
-            f"{_int(r['params_after'])} | "
-            f"{t:.2f} | {_cell(r.get('why', ''))} |"
+            f"| {r['model']} | {r['groups']} | {r['prunable_groups']} | {fmt_pct(r['channel_share'])} | "
+            f"{fmt_pct(r['conv_share'])} | {verdict} | {rel} | {onnx} | {fmt_int(r['params_before'])} | "
+            f"{fmt_int(r['params_after'])} | "
+            f"{t:.2f} | {cell(r.get('why', ''))} |"
         )
     lines += ["", "## Timing", ""]
     if timing is None:
@@ -384,7 +384,7 @@ def _load_raw(path: Path) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any
     return out, runs, timing
 
 
-def _write_raw(path: Path, results: dict[str, dict[str, Any]], runs: list[dict[str, Any]],
+def write_raw(path: Path, results: dict[str, dict[str, Any]], runs: list[dict[str, Any]],
                timing: dict[str, Any] | None) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     head = json.dumps({"_runs": runs, "_timing": timing}) + "\n"
@@ -412,12 +412,12 @@ def new_sweep(argv: list[str] | None, todo: list[str], mach: dict[str, str], run
     return run
 
 
-def _sweep(todo: list[str], run_one: Callable[[str], dict[str, Any]], jobs: int, results: dict, run: dict,
+def sweep(todo: list[str], run_one: Callable[[str], dict[str, Any]], jobs: int, results: dict, run: dict,
            t0: float, save: Callable[[], None]) -> None:
     """Run every model (in parallel processes when jobs > 1), a progress line each, saving after each."""
     def one(name: str) -> dict[str, Any]:
         rec = run_one(name)
-        extra = f" conv {_pct(rec.get('conv_share'))} rel {rec.get('rel_err')}" if "groups" in rec else ""
+        extra = f" conv {fmt_pct(rec.get('conv_share'))} rel {rec.get('rel_err')}" if "groups" in rec else ""
         print(f"[{time.perf_counter() - t0:7.0f} s] {name}: {rec['status']}{extra} {rec.get('why', '')}",
               file=sys.stderr, flush=True)
         return rec
@@ -481,13 +481,13 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
 
-    _sweep(todo, lambda name: run_model(name, args.ratio, args.timeout, threads), args.jobs, results, run, t0,
-           lambda: _write_raw(raw, results, runs, timing) if raw is not None else None)
+    sweep(todo, lambda name: run_model(name, args.ratio, args.timeout, threads), args.jobs, results, run, t0,
+           lambda: write_raw(raw, results, runs, timing) if raw is not None else None)
     if not args.no_timing:  # else the last timing the --raw file holds, if any
         print("timing ...", file=sys.stderr, flush=True)
         timing = run_timing(list(TIMING_MODELS), args.timing_runs, args.ratio, args.timeout * 2)
         if raw is not None:
-            _write_raw(raw, results, runs, timing)
+            write_raw(raw, results, runs, timing)
     shown = [results[m] for m in (everything if raw is not None and args.reuse else chosen) if m in results]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from zoo import (CONV_TARGET, REL_TOLERANCE, ROOT, TIMM_BEGIN, TIMM_END, _cell, _int, _last_line, _pct, _sweep,
-                 _write_raw, machine, new_sweep, records, run_model)
+from zoo import (CONV_TARGET, REL_TOLERANCE, ROOT, TIMM_BEGIN, TIMM_END, cell, fmt_int, fmt_pct, last_line, machine,
+                 new_sweep, records, run_model, sweep, write_raw)
 
 ZOO = Path(__file__).resolve().parent / "zoo.py"  # the subprocesses' entry point
 
@@ -34,7 +34,7 @@ def timm_sizes(cache: Path, timeout: float) -> dict[str, list]:
     proc = subprocess.run([sys.executable, str(ZOO), "--timm-sizes-worker"],
                           capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     if proc.returncode != 0:
-        raise SystemExit(f"error: counting timm parameters failed: {_last_line(proc.stderr)}")
+        raise SystemExit(f"error: counting timm parameters failed: {last_line(proc.stderr)}")
     sizes = json.loads(proc.stdout)
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps({"_timm": timm.__version__, "models": sizes}))
@@ -227,7 +227,7 @@ def render_timm(results: list[dict[str, Any]], runs: list[dict[str, Any]], mach:
         *([f"- timed out (per-model limit, not a verdict): {len(timed_out)}: " + ", ".join(r["model"] for r in timed_out)]
           if timed_out else []),
         f"- CNNs: {len(cnns)}; conv-channel prunable share over {CONV_TARGET:.0%}: **{len(cnn_hit)} / {len(cnns)}**"
-        + ("; at or under: " + "; ".join(f"{r['model']} {_pct(r['conv_share'])}" for r in low) if low else ""),
+        + ("; at or under: " + "; ".join(f"{r['model']} {fmt_pct(r['conv_share'])}" for r in low) if low else ""),
         f"- shrunk models that export to ONNX and match in onnxruntime: "
         f"**{sum(bool(r.get('onnx_ok')) for r in results)} / {len(results)}**",
         "",
@@ -267,7 +267,7 @@ def render_timm(results: list[dict[str, Any]], runs: list[dict[str, Any]], mach:
     for r in sorted(results, key=lambda r: (r.get("family") or "", r["model"])):
         head = f"| {r['model']} | {r.get('family', '')} | {r.get('input', '-')} | {'yes' if r['cnn'] else 'no'} |"
         if "groups" not in r:
-            lines.append(f"{head} - | - | - | - | {r['status']} | - | - | - | - | - | {_cell(r.get('why', ''))} |")
+            lines.append(f"{head} - | - | - | - | {r['status']} | - | - | - | - | - | {cell(r.get('why', ''))} |")
             continue
         verdict = "ok" if r["verify_ok"] else "**FAIL**"
         rel = "-" if r["rel_err"] is None else f"{r['rel_err']:.1e}"
@@ -276,9 +276,9 @@ def render_timm(results: list[dict[str, Any]], runs: list[dict[str, Any]], mach:
         if r.get("onnx_rel_err") is None and "onnx_ok" in r and not r["onnx_ok"]:
             onnx = "failed"
         lines.append(
-            f"{head} {r['groups']} | {r['prunable_groups']} | {_pct(r['channel_share'])} | {_pct(r['conv_share'])} | "
-            f"{verdict} | {rel} | {onnx} | {_int(r['params_before'])} | {_int(r['params_after'])} | "
-            f"{r['trace_s'] + r['analyze_s']:.2f} | {_cell(r.get('why', ''))} |")
+            f"{head} {r['groups']} | {r['prunable_groups']} | {fmt_pct(r['channel_share'])} | {fmt_pct(r['conv_share'])} | "
+            f"{verdict} | {rel} | {onnx} | {fmt_int(r['params_before'])} | {fmt_int(r['params_after'])} | "
+            f"{r['trace_s'] + r['analyze_s']:.2f} | {cell(r.get('why', ''))} |")
     lines += ["", TIMM_END]
     return "\n".join(lines) + "\n"
 
@@ -317,9 +317,9 @@ def main_timm(args: argparse.Namespace, argv: list[str] | None) -> int:
     t0 = time.perf_counter()
     threads = 1 if args.jobs > 1 else None
 
-    _sweep(todo, lambda name: run_model(name, args.ratio, args.timeout, threads, family_of[name],
+    sweep(todo, lambda name: run_model(name, args.ratio, args.timeout, threads, family_of[name],
                                         onnx=not args.no_onnx),
-           args.jobs, results, run, t0, lambda: _write_raw(raw, results, runs, None) if raw is not None else None)
+           args.jobs, results, run, t0, lambda: write_raw(raw, results, runs, None) if raw is not None else None)
     shown = [results[m] for m in (list(results) if raw is not None and args.reuse else chosen) if m in results]
     mixers = timm_token_mixers([r["model"] for r in shown if "groups" in r])
     for r in shown:
