@@ -62,6 +62,17 @@ def test_budget_sweep_reaches_the_target_and_reports_a_model_that_fails(tmp_path
     assert "1 of 2 models within 0.05 of the target" in text and "| torchvision:no_such_net | - | - | error:" in text
 
 
+def test_budget_sweep_passes_round_to_to_the_worker():
+    import budget_sweep
+
+    row, = budget_sweep.main(["--worker", "ptgraph:resnet20?num_classes=10", "--round-to", "8", "--steps", "16",
+                              "--size", "32", "--batch", "4"])
+    assert abs(row["share"] - 0.5) <= 0.05 and row["finite"] and row["round_to"] == 8
+    args = dict(target=0.5, steps=1, reconfigurations=1, size=8, batch=1, lr=0.1, threads=1, allocation=None)
+    flags = budget_sweep.forwarded(budget_sweep.argparse.Namespace(**args, round_to=8))  # what each subprocess gets
+    assert flags[flags.index("--round-to") + 1] == "8"
+
+
 def test_budget_sweep_refuses_a_bad_target_before_building_anything(capsys):
     import budget_sweep
 

@@ -51,7 +51,8 @@ def run_one(spec: str, args: argparse.Namespace) -> dict:
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
     start = time.perf_counter()
     pt = PruneTrain(model, x[:2], opt, target_flops=args.target, total_steps=args.steps,
-                    reconfigurations=args.reconfigurations, **({"allocation": args.allocation} if args.allocation else {}))
+                    reconfigurations=args.reconfigurations, round_to=args.round_to,
+                    **({"allocation": args.allocation} if args.allocation else {}))
     shrinks, lags = [], []
     for _ in range(args.steps):
         x = torch.randn(args.batch, 3, args.size, args.size)
@@ -72,7 +73,7 @@ def run_one(spec: str, args: argparse.Namespace) -> dict:
     return {"model": spec, "target": args.target, "share": pt.flops / pt.dense_flops,
             "dense_flops": pt.dense_flops, "flops": pt.flops, "shrinks": len(shrinks),
             "before_point": sum(s < pt.schedule.until for s in shrinks), "frozen": len(pt.frozen),
-            "groups": len(pt.dense_sizes), "until": pt.schedule.until, "lag": max(lags, default=0.0), "allocation": pt.allocation, "finite": bool(torch.isfinite(out).all()),
+            "groups": len(pt.dense_sizes), "until": pt.schedule.until, "lag": max(lags, default=0.0), "allocation": pt.allocation, "round_to": pt.round_to, "finite": bool(torch.isfinite(out).all()),
             "seconds": time.perf_counter() - start, "check_seconds": pt.check_seconds}
 
 
@@ -98,6 +99,8 @@ def forwarded(args: argparse.Namespace) -> list[str]:
              "--size", args.size, "--batch", args.batch, "--lr", args.lr, "--threads", args.threads]
     if args.allocation:
         flags += ["--allocation", args.allocation]
+    if args.round_to > 1:
+        flags += ["--round-to", args.round_to]
     return [str(f) for f in flags]
 
 
@@ -106,7 +109,8 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
     hit = [r for r in ok if abs(r["share"] - args.target) <= 0.05 and r["before_point"] >= 2 and r["finite"]]
     until = ok[0]["until"] if ok else None
     lines = [f"Target {args.target:g} of the dense FLOPs by step {until} of {args.steps}, {args.reconfigurations} "
-             f"reconfigurations, {args.size}x{args.size} random images, batch {args.batch}, SGD lr {args.lr:g}, "
+             f"reconfigurations, round-to {args.round_to}, {args.size}x{args.size} random images, batch {args.batch}, "
+             f"SGD lr {args.lr:g}, "
              f"{args.threads} thread(s), load average {os.getloadavg()[0]:.1f}: {len(hit)} of {len(rows)} models within "
              f"0.05 of the target with at least two shrinks before the point and a finite output.", "",
              "| model | groups | allocation | FLOPs share | shrinks (before the point) | largest lag behind the schedule "
@@ -128,6 +132,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--steps", type=int, default=80, help="default: 80 (the point at step 24, a shrink every 3)")
     p.add_argument("--reconfigurations", type=int, default=8)
     p.add_argument("--allocation", choices=("uniform", "global"), default=None, help="default: the product's")
+    p.add_argument("--round-to", type=int, default=1,
+                   help="keep multiples of this many channels per group (the CUDA default of prune-train is 8; default: 1)")
     p.add_argument("--size", type=int, default=64, help="image side (default: 64)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=0.05)
@@ -136,8 +142,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--out", default=None, help="markdown table (default: print it)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.steps < 1 or args.batch < 1 or args.size < 1:
-        p.error("--steps, --batch and --size must be 1 or more")
+    if args.steps < 1 or args.batch < 1 or args.size < 1 or args.round_to < 1:
+        p.error("--steps, --batch, --size and --round-to must be 1 or more")
     try:
         check_budget(args.target, DEFAULT_PRUNE_UNTIL, "cubic", args.reconfigurations, args.allocation)
     except UserError as e:
