@@ -69,7 +69,24 @@ def _quiet_stdout():
         os.close(devnull)
 
 
+class _PositionalOnly(nn.Module):
+    """`model` with a forward of its positional inputs only. The TorchScript exporter appends the defaults of a
+    forward's other parameters as traced inputs (timm's ViT: `attn_mask=None, is_causal=False`, placeholders of
+    the traced graph), and a bool traced as a tensor breaks the call. The submodules, parameters and buffers are
+    the model's own, not a child's, so the ONNX initializers keep the model's names."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        object.__setattr__(self, "_model", model)  # not registered: no "model." prefix on the names
+        self._modules, self._parameters, self._buffers = model._modules, model._parameters, model._buffers
+        self.training = model.training  # the exporter restores this mode afterwards, on the shared submodules
+
+    def forward(self, *inputs: Any) -> Any:
+        return self._model(*inputs)
+
+
 def _export(model: nn.Module, inputs: tuple, path: str, opset: int, dynamic_batch: bool) -> str:
+    model = _PositionalOnly(model)
     names = [f"input{i}" for i in range(len(inputs))]
     with torch.no_grad():
         n_out = len(_flat(model(*inputs)))
@@ -83,7 +100,9 @@ def _export(model: nn.Module, inputs: tuple, path: str, opset: int, dynamic_batc
             torch.onnx.export(model, inputs, path, input_names=names, output_names=outputs, opset_version=opset,
                               dynamic_axes=axes, dynamo=False)
             return "torchscript"
-        except TypeError:  # a torch without the dynamo switch or without the TorchScript exporter
+        except TypeError as e:  # a torch without the dynamo switch or without the TorchScript exporter
+            if "dynamo" not in str(e):
+                raise  # the model's own error, not the exporter's signature
             torch.onnx.export(model, inputs, path, input_names=names, opset_version=opset, dynamo=True,
                               dynamic_shapes=[{0: torch.export.Dim("batch")}] * len(inputs) if dynamic_batch else None)
             return "dynamo"

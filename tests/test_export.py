@@ -8,7 +8,7 @@ import torchvision
 import ptgraph
 from ptgraph.cli import main
 from ptgraph.errors import UserError
-from ptgraph.export import conv_weight_shapes, export
+from ptgraph.export import conv_weight_shapes, export, initializer_shapes
 from ptgraph.passes import analyze_channels, random_plan, shrink
 from ptgraph.trainers.config import TrainConfig
 from ptgraph.trainers.loop import train
@@ -66,6 +66,22 @@ def test_dynamic_batch_export(tmp_path):
     gm = _pruned(torchvision.models.resnet18(num_classes=10), torch.randn(1, 3, 32, 32))
     result = export(gm, (torch.randn(1, 3, 32, 32),), tmp_path / "m.onnx", dynamic_batch=True, check_batch=5)
     assert result.ok
+
+
+def test_forward_with_optional_parameters_exports_under_its_own_names(tmp_path):
+    """timm's ViT takes `attn_mask=None, is_causal=False` beside the image; the traced graph keeps them as
+    placeholders, which the TorchScript exporter used to feed as traced tensors (and then fall back to the
+    dynamo exporter, which needs onnxscript)."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.models.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                                          num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    gm = _pruned(model, x)
+    result = export(gm, (x,), tmp_path / "vit.onnx", dynamic_batch=True)
+    assert result.ok and result.exporter == "torchscript", result
+    names = set(initializer_shapes(tmp_path / "vit.onnx"))
+    assert "patch_embed.proj.weight" in names and not any(n.startswith("_model") for n in names)
 
 
 def test_export_cli_from_run_and_spec(tmp_path, capsys):
