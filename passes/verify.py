@@ -37,13 +37,14 @@ class VerifyResult:
         return asdict(self)
 
 
-def _flat(out: Any) -> torch.Tensor:
+def flat_output(out: Any) -> torch.Tensor:
+    """Every tensor of a model output (nested tuples, lists, dicts), flattened into one float64 vector."""
     if isinstance(out, torch.Tensor):
         return out.detach().double().flatten()
     if isinstance(out, dict):
         out = list(out.values())
     if isinstance(out, (tuple, list)):
-        parts = [_flat(o) for o in out if o is not None]
+        parts = [flat_output(o) for o in out if o is not None]
         return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.double)
     return torch.zeros(0, dtype=torch.double)
 
@@ -83,7 +84,7 @@ def shrink_error(graph: Graph, plan: PrunePlan, inputs: tuple) -> float:
         masked = mask(copy.deepcopy(twin.module), analysis, plan)
         shrink(analysis, plan)
         with torch.no_grad():
-            got, want = _flat(twin.module(*inputs)), _flat(masked(*inputs))
+            got, want = flat_output(twin.module(*inputs)), flat_output(masked(*inputs))
     except (RuntimeError, ValueError, IndexError, TypeError, AssertionError, UserError):
         return float("inf")  # a shrink that cannot even run is the clearest mismatch
     if got.shape != want.shape or not torch.isfinite(want).all():
@@ -105,7 +106,7 @@ def verify(analysis: ChannelAnalysis, inputs: tuple, ratio: float = 0.3, seed: i
         shrink(analysis, plan)
         seconds = time.perf_counter() - start
         with torch.no_grad():
-            got, want = _flat(gm(*inputs)), _flat(masked(*inputs))
+            got, want = flat_output(gm(*inputs)), flat_output(masked(*inputs))
         rel, max_abs = _rel_err(got, want)
         params_after = count_params(gm)
         ok = got.shape == want.shape and rel <= TOLERANCE and params_after == predicted

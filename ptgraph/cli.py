@@ -232,6 +232,8 @@ class _Defaults(argparse.HelpFormatter):
 
 
 def _train_parser(sub) -> None:
+    from ptgraph.trainers.budget import ALLOCATIONS
+
     p = sub.add_parser("prune-train", help="train from scratch with group lasso, shrinking the model as it trains",
                        formatter_class=_Defaults)
     p.add_argument("--model", default=None, help="model spec: torchvision:NAME, ptgraph:resnet32, timm:NAME, module:callable")
@@ -260,11 +262,13 @@ def _train_parser(sub) -> None:
                    help="with a target: press and cut first the channels with the least norm per FLOP they cost "
                         "across groups (implies --allocation global; against global by norm: MobileNetV2 +4.5 points, "
                         "ResNet-20 -4 on CIFAR-10; default: off)")
-    p.add_argument("--allocation", choices=("uniform", "global"), default=None,
+    p.add_argument("--allocation", choices=ALLOCATIONS, default=None,
                    help="with a target: how each cut is spread over the channel groups: uniform (every group keeps "
-                        "the same share of its channels, its smallest norms going first) or global (one ranking of "
+                        "the same share of its channels, its smallest norms going first), global (one ranking of "
                         "norms relative to their group; over two seeds on CIFAR-10 4.5 points worse on MobileNetV2, "
-                        "0.8 better on ResNet-20) (default: uniform; global with --compute-aware)")
+                        "0.8 better on ResNet-20) or sensitivity (uniform, tilted towards the groups whose next "
+                        "channels change the output least per FLOP, measured on a training batch at every "
+                        "reconfiguration; experimental) (default: uniform; global with --compute-aware)")
     p.add_argument("--penalty-ratio", type=float, default=None,
                    help="the paper's method instead of a target: lambda fixed so that the lasso is this share of the "
                         "first loss (e.g. 0.2 for 182 CIFAR epochs; how much it removes depends on model and schedule)")

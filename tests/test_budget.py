@@ -1,6 +1,7 @@
 """The FLOPs budget: the schedule, the steering, the loop reaching its target, resume, bad values."""
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from ptgraph.trainers import loop as loop_module
 from ptgraph.trainers.budget import FlopsSchedule, LassoController
 from ptgraph.trainers.config import TrainConfig
 from ptgraph.trainers.allocation import relative_norms, uniform_order
+from ptgraph.trainers.sensitivity import output_change, tilts
 from ptgraph.trainers.loop import train
 from toy_models import PlainNet, ResidualNet, small_resnet
 
@@ -55,6 +57,7 @@ def _run_api(target: float, total: int = 60, until: float = 0.5, seed: int = 0, 
     data = torch.randn(total, 8, 3, side, side)
     shrinks = []
     for t in range(total):
+        pt.observe(data[t])
         loss = pt.model(data[t]).square().mean()
         (loss + pt.penalty(loss)).backward()
         opt.step()
@@ -69,7 +72,7 @@ def _run_api(target: float, total: int = 60, until: float = 0.5, seed: int = 0, 
 
 @pytest.mark.parametrize("target,compute_aware,allocation",
                          [(0.5, False, "global"), (0.3, False, "global"), (0.5, True, "global"),
-                          (0.5, False, "uniform"), (0.3, False, "uniform")])
+                          (0.5, False, "uniform"), (0.3, False, "uniform"), (0.5, False, "sensitivity")])
 def test_the_object_reaches_its_target_gradually_then_trains_plainly(target, compute_aware, allocation):
     pt, shrinks = _run_api(target, compute_aware=compute_aware, allocation=allocation)
     assert abs(pt.flops / pt.dense_flops - target) <= 0.05
@@ -179,8 +182,25 @@ def test_the_loop_reaches_the_target_on_two_models_with_the_same_flags(tmp_path,
     assert "0.5" in (tmp_path / "run" / "report.md").read_text()  # the target is in the report
 
 
-def test_resume_after_a_kill_mid_schedule_is_bit_identical(tmp_path, monkeypatch):
-    train(_cfg(tmp_path / "a"))
+def test_the_loop_gives_the_sensitivity_allocation_its_batches(tmp_path, monkeypatch):
+    measured = []
+    real = PruneTrain._tilts
+
+    def spy(self, norms):
+        measured.append(real(self, norms))
+        return measured[-1]
+
+    monkeypatch.setattr(PruneTrain, "_tilts", spy)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*pt.observe")
+        summary = train(_cfg(tmp_path, allocation="sensitivity"))
+    assert abs(summary["flops"] / summary["dense_flops"] - 0.5) <= 0.05
+    assert measured[0] is None and any(t is not None and len(set(t.values())) > 1 for t in measured)
+
+
+@pytest.mark.parametrize("allocation", [None, "sensitivity"])
+def test_resume_after_a_kill_mid_schedule_is_bit_identical(tmp_path, monkeypatch, allocation):
+    train(_cfg(tmp_path / "a", allocation=allocation))
     reference = torch.load(tmp_path / "a" / "run" / "checkpoint.pt", weights_only=False)
     calls = {"n": 0}
     original = loop_module.Run.train_step
@@ -196,9 +216,9 @@ def test_resume_after_a_kill_mid_schedule_is_bit_identical(tmp_path, monkeypatch
 
     monkeypatch.setattr(loop_module.Run, "train_step", dying_step)
     with pytest.raises(Killed):
-        train(_cfg(tmp_path / "b"))
+        train(_cfg(tmp_path / "b", allocation=allocation))
     monkeypatch.setattr(loop_module.Run, "train_step", original)
-    train(_cfg(tmp_path / "b"), resume_dir=str(tmp_path / "b" / "run"))
+    train(_cfg(tmp_path / "b", allocation=allocation), resume_dir=str(tmp_path / "b" / "run"))
     resumed = torch.load(tmp_path / "b" / "run" / "checkpoint.pt", weights_only=False)
     assert resumed["plans"] == reference["plans"] and len(reference["plans"]) >= 2
     assert resumed["budget"]["gain"] == reference["budget"]["gain"]
@@ -237,3 +257,76 @@ def test_uniform_order_keeps_every_prefix_within_one_channel_of_a_common_share(s
         left[g] -= 1
         shares = [left[h] / sizes[h] for h in left]
         assert max(shares) - min(shares) <= max(1 / n for n in sizes) + 1e-12
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.integers(2, 40), min_size=2, max_size=6), st.integers(0, 2**31 - 1))
+def test_a_tilted_order_cuts_a_more_sensitive_group_no_more_and_keeps_the_floors(sizes, seed):
+    rng = np.random.default_rng(seed)
+    norms = {g: rng.random(n) for g, n in enumerate(sizes)}
+    tilt = {g: float(rng.choice([0.5, 1.0, 2.0])) for g in norms}
+    floors = {g: int(rng.integers(1, n + 1)) for g, n in enumerate(sizes)}
+    order = uniform_order(norms, dict(enumerate(sizes)), tilt, floors)
+    assert order == uniform_order(norms, dict(enumerate(sizes)), tilt, floors)  # deterministic
+    assert sorted(order) == sorted(g for g, n in enumerate(sizes) for _ in range(n - max(floors[g], 1)))
+    left = dict(enumerate(sizes))
+    effective = []  # the share a removal leaves its group, over the group's tilt: the next one never leaves more
+    for g in order:
+        left[g] -= 1
+        effective.append(left[g] / sizes[g] / tilt[g])
+    assert all(a >= b - 1e-12 for a, b in zip(effective, effective[1:]))
+    same = [(a, b) for a in norms for b in norms if sizes[a] == sizes[b] and tilt[a] > tilt[b]]
+    for a, b in same:  # of two groups alike but for the tilt, the more sensitive one is never cut more
+        removed = {a: 0, b: 0}
+        for g in order:
+            if g in removed:
+                removed[g] += 1
+                assert removed[a] <= removed[b] or removed[b] == sizes[b] - floors[b]
+    assert uniform_order(norms, dict(enumerate(sizes)), {g: 1.0 for g in norms}) == uniform_order(norms, dict(enumerate(sizes)))
+
+
+def test_tilts_follow_the_output_change_per_flop_and_are_bounded():
+    t = tilts({0: 1.0, 1: 4.0, 2: 100.0, 3: 0.0, 4: float("inf")}, {0: 1.0, 1: 1.0, 2: 1.0, 3: 1.0, 4: 1.0})
+    assert t[0] < t[1] <= t[2] == 2.0 and t[3] == 0.5 and t[4] == 2.0
+    assert tilts({0: 2.0, 1: 2.0}, {0: 1.0, 1: 4.0})[0] > tilts({0: 2.0, 1: 2.0}, {0: 1.0, 1: 4.0})[1]  # per FLOP
+    assert tilts({0: 0.0, 1: 0.0}, {0: 1.0, 1: 1.0}) == {0: 1.0, 1: 1.0}  # nothing measured: uniform
+
+
+def test_output_change_is_zero_for_channels_at_zero_and_leaves_the_model_alone():
+    torch.manual_seed(0)
+    graph = trace(PlainNet(width=8), torch.randn(2, 3, 8, 8))
+    analysis = analyze_channels(graph)
+    g = next(g for g in analysis.groups if g.prunable and g.exact)
+    conv = next(m for m in graph.module.modules() if isinstance(m, torch.nn.Conv2d) and m.out_channels == g.size)
+    before = {k: v.clone() for k, v in graph.module.state_dict().items()}
+    from ptgraph.passes import PrunePlan, keep_every_tensor
+    drop_first = keep_every_tensor(analysis, PrunePlan({g.id: tuple(range(1, g.size))}))
+    x = (torch.randn(4, 3, 8, 8),)
+    live = output_change(graph, analysis, {g.id: drop_first}, x)[g.id]
+    with torch.no_grad():
+        for m in graph.module.modules():  # channel 0 of the group at zero everywhere it lives
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.BatchNorm2d)) and m.weight.shape[0] == g.size:
+                m.weight[0] = 0
+                if m.bias is not None:
+                    m.bias[0] = 0
+    dead = output_change(graph, analysis, {g.id: drop_first}, x)[g.id]
+    assert live > 0 and dead == pytest.approx(0.0, abs=1e-12)
+    assert conv.weight.shape[0] == g.size and graph.module.training  # untouched: no shrink, mode kept
+
+
+def test_the_sensitivity_allocation_warns_once_without_observed_inputs():
+    torch.manual_seed(0)
+    model = ResidualNet(width=16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    pt = PruneTrain(model, torch.randn(2, 3, 8, 8), opt, target_flops=0.5, total_steps=20, reconfigurations=4,
+                    allocation="sensitivity")
+    with pytest.warns(UserWarning, match="pt.observe"):
+        for _ in range(20):
+            loss = pt.model(torch.randn(4, 3, 8, 8)).square().mean()
+            (loss + pt.penalty(loss)).backward()
+            opt.step()
+            opt.zero_grad()
+            pt.after_step()
+            if pt.reconfiguration_due():
+                pt.reconfigure()
+    assert abs(pt.flops / pt.dense_flops - 0.5) <= 0.05  # it cut uniformly

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from ptgraph.errors import UserError
-from ptgraph.trainers.budget import DEFAULT_PRUNE_UNTIL, check_budget
+from ptgraph.trainers.budget import ALLOCATIONS, DEFAULT_PRUNE_UNTIL, check_budget
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODELS = ",".join([
@@ -57,6 +57,7 @@ def run_one(spec: str, args: argparse.Namespace) -> dict:
     for _ in range(args.steps):
         x = torch.randn(args.batch, 3, args.size, args.size)
         y = torch.randint(0, classes, (args.batch,))
+        pt.observe(x)  # what the sensitivity allocation measures on (a no-op for the others)
         loss = torch.nn.functional.cross_entropy(pt.model(x), y)
         (loss + pt.penalty(loss)).backward()
         opt.step()
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--target-flops", "--target", dest="target", type=float, default=0.5)
     p.add_argument("--steps", type=int, default=80, help="default: 80 (the point at step 24, a shrink every 3)")
     p.add_argument("--reconfigurations", type=int, default=8)
-    p.add_argument("--allocation", choices=("uniform", "global"), default=None, help="default: the product's")
+    p.add_argument("--allocation", choices=ALLOCATIONS, default=None, help="default: the product's")
     p.add_argument("--round-to", type=int, default=1,
                    help="keep multiples of this many channels per group (the CUDA default of prune-train is 8; default: 1)")
     p.add_argument("--size", type=int, default=64, help="image side (default: 64)")

@@ -30,7 +30,7 @@ from bench_step import step_timer
 from ptgraph.errors import UserError
 from ptgraph.specs import parse_spec
 from ptgraph.trainers import checkpoint
-from ptgraph.trainers.budget import DEFAULT_PRUNE_UNTIL
+from ptgraph.trainers.budget import ALLOCATIONS, DEFAULT_PRUNE_UNTIL
 from ptgraph.trainers.config import TrainConfig
 from ptgraph.trainers.distributed import pick_device
 from ptgraph.trainers.loop import logits, train
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reconfigurations", type=int, default=8)
     p.add_argument("--compute-aware", action=argparse.BooleanOptionalAction, default=None,
                    help="target runs: compute-aware channel scores (default: the product's, off)")
-    p.add_argument("--allocation", choices=("uniform", "global"), default=None,
+    p.add_argument("--allocation", choices=ALLOCATIONS, default=None,
                    help="target runs: how cuts are spread over the groups (default: the product's)")
     p.add_argument("--penalty-ratio", default="", help="comma-separated: one PruneTrain run per ratio (the paper's method)")
     p.add_argument("--threshold", type=float, default=1e-4)

@@ -28,15 +28,18 @@ def relative_norms(norms: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
     return out
 
 
-def uniform_order(norms: dict[int, np.ndarray], dense_sizes: dict[int, int]) -> list[int]:
+def uniform_order(norms: dict[int, np.ndarray], dense_sizes: dict[int, int], tilt: dict[int, float] | None = None,
+                  floors: dict[int, int] | None = None) -> list[int]:
     """The groups in the order their channels leave under the uniform allocation, one entry per channel: each
     removal goes to the group that keeps the largest share of its dense channels after it (ties: the group
     whose next channel has the smallest norm relative to its group's), so that plan i is the uniform spread
-    of i removals, one channel finer than a common share would be."""
+    of i removals, one channel finer than a common share would be. With `tilt`, each group's share is divided
+    by its tilt first (over 1: cut later, under 1: sooner), and no group goes under its entry in `floors`."""
     relative = relative_norms(norms)
     events = []
     for gid, n in norms.items():
         ranked = np.sort(relative[gid])
-        dense = dense_sizes[gid]
-        events += [(-(len(n) - j - 1) / dense, float(ranked[j]), gid) for j in range(len(n) - 1)]
+        dense, t = dense_sizes[gid], (tilt or {}).get(gid, 1.0)
+        last = min(len(n) - 1, len(n) - (floors or {}).get(gid, 1))
+        events += [(-(len(n) - j - 1) / dense / t, float(ranked[j]), gid) for j in range(max(0, last))]
     return [gid for _, _, gid in sorted(events)]

@@ -188,6 +188,8 @@ class Run:
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One step; returns the loss and the number of hits as device tensors (reading them would make the
         CPU wait for the GPU every step)."""
+        if not self.cfg.dense:
+            self.pt.observe(x)
         with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
             out = self.runner(x)
             loss = self.task.loss(out, y)

@@ -32,6 +32,7 @@ from ptgraph.passes.verify import shrink_error, tolerance_for
 from ptgraph.trainers.allocation import keep_channels, relative_norms, uniform_order
 from ptgraph.trainers.budget import DEFAULT_PRUNE_UNTIL, FlopsSchedule, LassoController, check_budget, interval_steps, resolve_allocation
 from ptgraph.trainers.lasso import ChannelIndex, build_index, channel_sq_norms, group_lasso, proximal_step
+from ptgraph.trainers.sensitivity import CHUNK, as_inputs, output_change, tilts
 
 DEFAULT_RATIO = 0.2  # the paper's, for its 182 epochs
 
@@ -137,6 +138,8 @@ class PruneTrain:
         self.min_channels = ({gid: math.ceil(target_flops * size) for gid, size in self.dense_sizes.items()}
                              if target_flops is not None else {})
         self._index: ChannelIndex | None = None
+        self._observed: tuple | None = None  # the last training inputs `observe` was given (sensitivity allocation)
+        self._warned_unobserved = False
 
     @property
     def model(self) -> nn.Module:
@@ -207,6 +210,12 @@ class PruneTrain:
                 self._weights_on_device = torch.as_tensor(self.weights, device=self.index.slots.device)
             proximal_step(self.index, self.model, self._pending, self._weights_on_device)
             self._pending = 0.0
+
+    def observe(self, *inputs: Any) -> None:
+        """The model inputs of a recent training step (kept by reference): the `sensitivity` allocation measures
+        on the last ones given before a reconfiguration. A no-op for the other allocations."""
+        if self.allocation == "sensitivity":
+            self._observed = as_inputs(inputs)
 
     def reconfiguration_due(self) -> bool:
         if not self.reconfig_steps or self.steps == 0 or self.budget_done:
@@ -294,12 +303,34 @@ class PruneTrain:
         group keeps the same share of its dense channels, its smallest norms going first: the spread of a
         narrower network of the same design (no group becomes a bottleneck the others are not), the lasso
         and the norms choosing the channels within each group."""
-        if self.allocation == "uniform":
-            order = uniform_order(norms, self.dense_sizes)
+        if self.allocation in ("uniform", "sensitivity"):
+            tilt = self._tilts(norms) if self.allocation == "sensitivity" else None
+            order = uniform_order(norms, self.dense_sizes, tilt, self.min_channels if tilt else None)
             return (lambda i: self._uniform_plan(norms, order[:i])), len(order) + 1
         scores = self._scores(norms)
         cuts = self._cuts(scores)
         return (lambda i: self._plan(scores, cuts[i])), len(cuts)
+
+    def _tilts(self, norms: dict[int, np.ndarray]) -> dict[int, float] | None:
+        """Per group, how much slower (over 1) or faster than uniform its cuts go: the output change its next
+        CHUNK of channels (smallest norms) makes on the observed inputs, per FLOP they save (trainers/sensitivity.py).
+        None (uniform) before the first interval has trained, or with no inputs observed."""
+        if self.steps < (self.reconfig_steps or 1):
+            return None
+        if self._observed is None:
+            if not self._warned_unobserved:
+                warnings.warn("ptgraph: the sensitivity allocation has no inputs to measure on; call "
+                              "pt.observe(inputs) in the training loop. Cutting uniformly.", stacklevel=4)
+                self._warned_unobserved = True
+            return None
+        plans, saved = {}, {}
+        for gid, n in norms.items():
+            k = max(1, math.ceil(CHUNK * self.dense_sizes[gid]))
+            if len(n) - k >= self.min_channels.get(gid, 1):  # at its floor, a group has no next cut to measure
+                keep = np.sort(np.argsort(-n, kind="stable")[:len(n) - k])
+                plans[gid] = keep_every_tensor(self.analysis, PrunePlan({gid: tuple(keep.tolist())}), norms)
+                saved[gid] = self._channel_cost(gid, len(n)) * k
+        return tilts(output_change(self.graph, self.analysis, plans, self._observed), saved) if plans else None
 
     def _uniform_plan(self, norms: dict[int, np.ndarray], removals: list[int]) -> PrunePlan:
         """Every group without as many of its smallest norms as `removals` names it (never emptied)."""

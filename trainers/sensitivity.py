@@ -1,0 +1,56 @@
+"""How much of the model's function the next cut of each channel group would take, per FLOP it saves.
+
+The `sensitivity` allocation spreads each cut over the groups like `uniform`, tilted by this measure:
+a group whose next channels change the output little for the FLOPs they cost is cut faster, one whose
+next channels matter is cut slower. The uniform and global allocations set the network's shape without
+looking at what it computes (the same share everywhere; norms relative to each group's), and each suits
+one of section 1's two CIFAR models and fails the other (docs/DESIGN_NOTES.md, PruneTrain); measuring
+the function is the model's own answer to the shape. Which channels of a group go stays the lasso's.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import numpy as np
+import torch
+
+from ptgraph.graph import Graph
+from ptgraph.passes import ChannelAnalysis, PrunePlan
+from ptgraph.passes.shrink import mask
+from ptgraph.passes.verify import flat_output
+
+CHUNK = 0.1  # share of a group's dense channels whose removal is measured
+MAX_TILT = 2.0  # a group's kept share is scaled by at most this much either way against uniform's
+
+
+@torch.no_grad()
+def output_change(graph: Graph, analysis: ChannelAnalysis, plans: dict[int, PrunePlan], inputs: tuple) -> dict[int, float]:
+    """Per group: the squared change of the model's output (eval mode, `inputs`) when its plan is applied as a
+    mask, relative to the output's squared norm. The model is untouched (masks go on copies)."""
+    model = copy.deepcopy(graph.module).eval()
+    want = flat_output(model(*inputs))
+    scale = float((want ** 2).sum()) or 1.0
+    out = {}
+    for gid, plan in plans.items():
+        got = flat_output(mask(copy.deepcopy(model), analysis, plan)(*inputs))
+        out[gid] = float(((got - want) ** 2).sum()) / scale if got.shape == want.shape else float("inf")
+    return out
+
+
+def tilts(change: dict[int, float], saved_flops: dict[int, float]) -> dict[int, float]:
+    """Per group: (its output change per FLOP saved over the median group's) ** 0.5, clipped to
+    [1/MAX_TILT, MAX_TILT]; 1 for every group means the uniform allocation."""
+    rate = {g: change[g] / saved_flops[g] for g in change if saved_flops.get(g, 0) > 0}
+    live = [r for r in rate.values() if 0 < r < float("inf")]
+    if not live:
+        return {g: 1.0 for g in change}
+    median = float(np.median(live))
+    return {g: float(np.clip((rate[g] / median) ** 0.5, 1 / MAX_TILT, MAX_TILT)) if g in rate else MAX_TILT
+            for g in change}
+
+
+def as_inputs(batch: Any) -> tuple:
+    """A training batch's model inputs as a tuple, detached."""
+    batch = batch if isinstance(batch, (tuple, list)) else (batch,)
+    return tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in batch)
