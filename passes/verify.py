@@ -92,6 +92,27 @@ def shrink_error(graph: Graph, plan: PrunePlan, inputs: tuple) -> float:
     return _rel_err(got, want)[0]
 
 
+def failing_groups(graph: Graph, analysis: ChannelAnalysis, plan: PrunePlan, inputs: tuple,
+                   tolerance: float) -> tuple[list[int], float]:
+    """The groups of `plan` whose shrink would change the model's function (tried one by one; all of them if
+    none fails alone) and the whole plan's error; ([], 0.0) when it passes. Exact groups must match the mask;
+    an inexact group (normalisation statistics) cannot, so its shrunk model only has to run."""
+    exact = {g.id for g in analysis.groups if g.exact}
+
+    def wrong(p: PrunePlan) -> float:
+        checked = PrunePlan({g: k for g, k in p.keep.items() if g in exact})
+        err = shrink_error(graph, checked, inputs) if checked.keep else 0.0
+        if err <= tolerance and len(checked.keep) < len(p.keep) and shrink_error(graph, p, inputs) == float("inf"):
+            err = float("inf")
+        return err if err > tolerance else 0.0
+
+    err = wrong(plan)
+    if not err:
+        return [], 0.0
+    bad = [g for g, keep in plan.keep.items() if wrong(PrunePlan({g: keep}))]
+    return bad or list(plan.keep), err
+
+
 def verify(analysis: ChannelAnalysis, inputs: tuple, ratio: float = 0.3, seed: int = 0) -> VerifyResult:
     """Shrink `analysis.graph.module` in place by a random plan and compare with the masked original."""
     gm = analysis.graph.module

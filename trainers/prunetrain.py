@@ -12,11 +12,9 @@
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
 import warnings
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -27,12 +25,13 @@ from torch import nn
 from ptgraph.cost import forward_flops
 from ptgraph.errors import UserError
 from ptgraph.graph import Graph, trace
-from ptgraph.passes import ChannelAnalysis, PrunePlan, ShrinkReport, analyze_channels, keep_every_tensor, shrink
-from ptgraph.passes.verify import shrink_error, tolerance_for
-from ptgraph.trainers.allocation import keep_channels, relative_norms, uniform_order
+from ptgraph.passes import ChannelAnalysis, PrunePlan, ShrinkReport, analyze_channels, shrink
+from ptgraph.passes.verify import failing_groups, tolerance_for
+from ptgraph.trainers.allocation import relative_norms, uniform_order
 from ptgraph.trainers.budget import DEFAULT_PRUNE_UNTIL, FlopsSchedule, LassoController, check_budget, interval_steps, resolve_allocation
 from ptgraph.trainers.lasso import ChannelIndex, build_index, channel_sq_norms, group_lasso, proximal_step
-from ptgraph.trainers.sensitivity import CHUNK, as_inputs, output_change, tilts
+from ptgraph.trainers.planning import channel_cost, cost_scores, deepest, flops_after, norm_cuts, threshold_plan, uniform_plan
+from ptgraph.trainers.sensitivity import as_inputs, measured_tilts
 
 DEFAULT_RATIO = 0.2  # the paper's, for its 182 epochs
 
@@ -248,22 +247,9 @@ class PruneTrain:
         start = time.perf_counter()
         device = next(self.model.parameters()).device
         probe = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in self.probe)
-        exact = {g.id for g in self.analysis.groups if g.exact}
         tolerance = tolerance_for(self.model)
-
-        def wrong(p: PrunePlan) -> float:
-            """The error that fails the check, or 0: exact groups must match the mask; an inexact group
-            (normalisation statistics) cannot, so its shrunk model only has to run."""
-            checked = PrunePlan({g: k for g, k in p.keep.items() if g in exact})
-            err = shrink_error(self.graph, checked, probe) if checked.keep else 0.0
-            if err <= tolerance and len(checked.keep) < len(p.keep) and shrink_error(self.graph, p, probe) == float("inf"):
-                err = float("inf")
-            return err if err > tolerance else 0.0
-
-        err = wrong(plan)
-        if err:
-            bad = [g for g, keep in plan.keep.items() if wrong(PrunePlan({g: keep}))]
-            bad = bad or list(plan.keep)
+        bad, err = failing_groups(self.graph, self.analysis, plan, probe, tolerance)
+        if bad:
             self.frozen.update(bad)
             self._index = None
             self._set_weights(None)
@@ -306,9 +292,9 @@ class PruneTrain:
         if self.allocation in ("uniform", "sensitivity"):
             tilt = self._tilts(norms) if self.allocation == "sensitivity" else None
             order = uniform_order(norms, self.dense_sizes, tilt, self.min_channels if tilt else None)
-            return (lambda i: self._uniform_plan(norms, order[:i])), len(order) + 1
+            return (lambda i: uniform_plan(self.analysis, norms, order[:i], self.round_to)), len(order) + 1
         scores = self._scores(norms)
-        cuts = self._cuts(scores)
+        cuts = norm_cuts(scores, self.threshold)
         return (lambda i: self._plan(scores, cuts[i])), len(cuts)
 
     def _tilts(self, norms: dict[int, np.ndarray]) -> dict[int, float] | None:
@@ -323,65 +309,19 @@ class PruneTrain:
                               "pt.observe(inputs) in the training loop. Cutting uniformly.", stacklevel=4)
                 self._warned_unobserved = True
             return None
-        plans, saved = {}, {}
-        for gid, n in norms.items():
-            k = max(1, math.ceil(CHUNK * self.dense_sizes[gid]))
-            if len(n) - k >= self.min_channels.get(gid, 1):  # at its floor, a group has no next cut to measure
-                keep = np.sort(np.argsort(-n, kind="stable")[:len(n) - k])
-                plans[gid] = keep_every_tensor(self.analysis, PrunePlan({gid: tuple(keep.tolist())}), norms)
-                saved[gid] = self._channel_cost(gid, len(n)) * k
-        return tilts(output_change(self.graph, self.analysis, plans, self._observed), saved) if plans else None
-
-    def _uniform_plan(self, norms: dict[int, np.ndarray], removals: list[int]) -> PrunePlan:
-        """Every group without as many of its smallest norms as `removals` names it (never emptied)."""
-        counts = Counter(removals)
-        keep = {}
-        for gid, n in norms.items():
-            if counts[gid]:
-                kept = keep_channels(n, math.inf, self.round_to, 0.0, len(n) - counts[gid])
-                if len(kept) < len(n):
-                    keep[gid] = tuple(kept.tolist())
-        return keep_every_tensor(self.analysis, PrunePlan(keep), norms)
+        return measured_tilts(self.graph, self.analysis, norms, self.dense_sizes, self.min_channels, self._observed,
+                              self._channel_cost)
 
     def _plan(self, norms: dict[int, np.ndarray], cut: float, restore: float = 0.0) -> PrunePlan:
-        """Keep the channels with a norm at or over `cut`, plus `restore` of each group's others (largest
-        norms first), rounded as configured; no tensor is emptied."""
-        keep = {}
-        for gid, n in norms.items():
-            kept = keep_channels(n, cut, self.round_to, restore, self.min_channels.get(gid, 1))
-            if len(kept) < len(n):
-                keep[gid] = tuple(kept.tolist())
-        return keep_every_tensor(self.analysis, PrunePlan(keep), norms)
-
-    def _cuts(self, norms: dict[int, np.ndarray]) -> np.ndarray:
-        """Candidate norm cuts, ascending: the threshold, then every channel norm over it."""
-        values = np.concatenate([n for n in norms.values()] + [np.zeros(0)])
-        return np.unique(np.concatenate([[self.threshold], values[values > self.threshold]]))
+        return threshold_plan(self.analysis, norms, cut, self.round_to, self.min_channels, restore)
 
     def _deepest(self, plan_of: Callable[[int], PrunePlan], n: int, floor: float,
                  nearest: bool = False) -> tuple[int, PrunePlan]:
-        """plan_of(i) removes more as i grows: the largest i (and its plan) whose plan keeps at least `floor`
-        FLOPs, or 0 (bisection on the exact FLOPs of shrunk copies). With `nearest`, the next deeper plan
-        instead when it lands closer to `floor` (coarse groups: one channel may be a big step)."""
-        lo, hi = 0, n - 1
-        if self.flops_after(plan_of(hi)) >= floor:
-            return hi, plan_of(hi)
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if self.flops_after(plan_of(mid)) >= floor else (lo, mid)
-        if nearest and floor - self.flops_after(plan_of(hi)) < self.flops_after(plan_of(lo)) - floor:
-            return hi, plan_of(hi)
-        return lo, plan_of(lo)
+        return deepest(plan_of, n, floor, self.flops_after, nearest)
 
     def flops_after(self, plan: PrunePlan) -> int:
         """Forward FLOPs per sample the model would have after `plan` (shrinks a copy; the model is untouched)."""
-        if not plan.keep:
-            return self.flops
-        graph = copy.deepcopy(self.graph)
-        analysis = analyze_channels(graph)
-        assert [(g.id, g.size) for g in analysis.groups] == [(g.id, g.size) for g in self.analysis.groups]
-        shrink(analysis, plan, None)
-        return forward_flops(graph.module)
+        return flops_after(self.graph, self.analysis, plan, self.flops)
 
     def _steered_lambda(self) -> float:
         """lambda and the lasso's weights for the next interval. The channels the schedule's next point needs
@@ -414,23 +354,14 @@ class PruneTrain:
         return self.controller.strength(self.cut_norm, lr, nxt - self.steps)
 
     def _scores(self, norms: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
-        """What decides which channels are pressed and cut: each channel's norm relative to its group's, and with
-        `compute_aware` divided by what one channel of its group costs (relative to the median group), so that
-        the channels giving the most FLOPs for the least norm go first."""
-        scores = relative_norms(norms)
+        """What decides which channels are pressed and cut under `global`: norms relative to their group's, with
+        `compute_aware` divided by what one channel of the group costs (trainers/planning.py)."""
         if not self.compute_aware:
-            return scores
-        costs = {gid: self._channel_cost(gid, len(n)) for gid, n in scores.items()}
-        typical = float(np.median([c for c in costs.values() if c > 0] or [1.0]))
-        return {gid: n * typical / max(costs[gid], 1e-9 * typical) for gid, n in scores.items()}
+            return relative_norms(norms)
+        return cost_scores(norms, {gid: self._channel_cost(gid, len(n)) for gid, n in norms.items()})
 
     def _channel_cost(self, gid: int, size: int) -> float:
-        """Forward FLOPs per sample one channel of group `gid` costs now (a tenth of the group removed on a copy)."""
-        k = max(1, size // 10)
-        if size <= k:
-            return 0.0
-        plan = keep_every_tensor(self.analysis, PrunePlan({gid: tuple(range(k, size))}))
-        return (self.flops - self.flops_after(plan)) / k
+        return channel_cost(self.graph, self.analysis, gid, size, self.flops)
 
     def _set_weights(self, weights: np.ndarray | None) -> None:
         self.weights = None if weights is None else np.asarray(weights, dtype=np.float32)

@@ -10,14 +10,15 @@ the function is the model's own answer to the shape. Which channels of a group g
 from __future__ import annotations
 
 import copy
-from typing import Any
+import math
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from ptgraph.graph import Graph
 from ptgraph.passes import ChannelAnalysis, PrunePlan
-from ptgraph.passes.shrink import mask
+from ptgraph.passes.shrink import keep_every_tensor, mask
 from ptgraph.passes.verify import flat_output
 
 CHUNK = 0.1  # share of a group's dense channels whose removal is measured
@@ -48,6 +49,21 @@ def tilts(change: dict[int, float], saved_flops: dict[int, float]) -> dict[int, 
     median = float(np.median(live))
     return {g: float(np.clip((rate[g] / median) ** 0.5, 1 / MAX_TILT, MAX_TILT)) if g in rate else MAX_TILT
             for g in change}
+
+
+def measured_tilts(graph: Graph, analysis: ChannelAnalysis, norms: dict[int, np.ndarray], dense_sizes: dict[int, int],
+                   floors: dict[int, int], inputs: tuple, cost: Callable[[int, int], float]) -> dict[int, float] | None:
+    """Per group, `tilts` from masking its next CHUNK of dense channels (its smallest norms) on `inputs`, per
+    FLOP they save (`cost(group, size)`: one channel's FLOPs); a group at its floor has no next cut and is left
+    out. None when no group has one."""
+    plans, saved = {}, {}
+    for gid, n in norms.items():
+        k = max(1, math.ceil(CHUNK * dense_sizes[gid]))
+        if len(n) - k >= floors.get(gid, 1):
+            keep = np.sort(np.argsort(-n, kind="stable")[:len(n) - k])
+            plans[gid] = keep_every_tensor(analysis, PrunePlan({gid: tuple(keep.tolist())}), norms)
+            saved[gid] = cost(gid, len(n)) * k
+    return tilts(output_change(graph, analysis, plans, inputs), saved) if plans else None
 
 
 def as_inputs(batch: Any) -> tuple:
