@@ -18,6 +18,7 @@ from ptgraph.trainers import loop as loop_module
 from ptgraph.trainers.budget import FlopsSchedule, LassoController
 from ptgraph.trainers.config import TrainConfig
 from ptgraph.trainers.allocation import relative_norms, uniform_order
+from ptgraph.trainers.planning import deepest
 from ptgraph.trainers.sensitivity import output_change, tilts
 from ptgraph.trainers.loop import train
 from toy_models import PlainNet, ResidualNet, small_resnet
@@ -126,6 +127,20 @@ def test_the_steered_lasso_only_presses_the_channels_the_next_point_needs():
     norms = np.concatenate([pt.channel_norms()[g] for g in pt.index.group_slices])
     assert norms[pt.weights > 0].max() <= norms[pt.weights == 0].min() + 1e-6  # the smallest ones
     assert pt.cut_norm == pytest.approx(norms[pt.weights > 0].max())
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 1000), min_size=1, max_size=40), st.integers(-10, 1010), st.booleans())
+def test_deepest_is_the_deepest_plan_over_the_floor(drops, floor, nearest):
+    """Bisection over plans that remove more as their index grows: the last plan keeping at least `floor`
+    FLOPs (0 when none does), or with `nearest` the next one when it lands closer."""
+    flops = np.maximum(0, 1000 - np.cumsum(drops))  # non-increasing in the plan's index
+    i, plan = deepest(lambda k: k, len(flops), floor, lambda k: int(flops[k]), nearest)
+    over = [k for k in range(len(flops)) if flops[k] >= floor]
+    want = over[-1] if over else 0
+    if nearest and want + 1 < len(flops) and floor - flops[want + 1] < flops[want] - floor:
+        want += 1
+    assert i == plan == want
 
 
 def test_compute_aware_scores_divide_by_what_a_channel_costs():
