@@ -4,6 +4,7 @@ A 2-process run must end with identical parameters on both ranks, equal (within 
 one process on the same global batch; a killed rank must stop the run with one clear message and
 a checkpoint that resumes, with another number of processes.
 """
+import faulthandler
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ptgraph.trainers import checkpoint as ckpt
@@ -47,9 +49,12 @@ def _free_port() -> int:
 
 
 def _rank_main(rank: int, world: int, port: int, cfg: TrainConfig, out: Path, kill_at_step: int | None) -> None:
-    """One rank, as torchrun would start it: the env variables, then the product's own train()."""
+    """One rank, as torchrun would start it: the env variables (the store is the launcher's, as
+    torchrun's agent serves it), then the product's own train()."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="True")
+    crash_log = open(out / f"rank{rank}.fault", "w")  # a native crash (abort, segfault) leaves its Python stack here
+    faulthandler.enable(crash_log, all_threads=True)
     torch.set_num_threads(1)
     from ptgraph.trainers import loop
 
@@ -81,7 +86,8 @@ def _rank_main(rank: int, world: int, port: int, cfg: TrainConfig, out: Path, ki
 def _spawn(cfg: TrainConfig, out: Path, world: int = 2, kill_at_step: int | None = None) -> list[int | None]:
     out.mkdir(parents=True, exist_ok=True)
     ctx = mp.get_context("spawn")
-    port = _free_port()
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)  # lives until every rank ended
+    port = store.port
     procs = [ctx.Process(target=_rank_main, args=(r, world, port, cfg, out, kill_at_step)) for r in range(world)]
     for p in procs:
         p.start()
@@ -91,7 +97,13 @@ def _spawn(cfg: TrainConfig, out: Path, world: int = 2, kill_at_step: int | None
     for p in procs:
         if p.is_alive():  # a hang is a failure of the test, not of the machine
             p.kill()
+    del store
     return [p.exitcode for p in procs]
+
+
+def _why(out: Path) -> list[tuple[str, str]]:
+    """What the ranks left: a Python error (.err), or a native crash's stack (.fault)."""
+    return [(p.name, p.read_text()) for p in sorted(out.glob("*.err")) + sorted(out.glob("*.fault")) if p.stat().st_size]
 
 
 def _records(run_dir: Path) -> list[dict]:
@@ -119,7 +131,7 @@ def test_two_ranks_agree_and_match_one_process_on_the_global_batch(tmp_path):
     assert single["reconfigurations"] >= 2
 
     codes = _spawn(_cfg(tmp_path / "two"), tmp_path / "out")  # 2 x 16 per process, lr 0.1 x 2 processes
-    assert codes == [0, 0], [(p.name, p.read_text()) for p in (tmp_path / "out").glob("*.err")]
+    assert codes == [0, 0], _why(tmp_path / "out")
     ranks = [torch.load(tmp_path / "out" / f"rank{r}.pt", weights_only=False) for r in range(2)]
     assert ranks[0]["plans"] == ranks[1]["plans"] == reference["plans"]
     assert len(ranks[0]["plans"]) >= 2
@@ -143,7 +155,7 @@ def test_batchnorm_statistics_and_weights_agree_across_ranks(tmp_path):
     """With BatchNorm each rank normalises its own half-batch; rank 0's running statistics go to all."""
     cfg = _cfg(tmp_path, model="toy_models:small_resnet", epochs=2, steps_per_epoch=5, reconfig_steps=4,
                penalty_ratio=0.5, threshold=2.1)
-    assert _spawn(cfg, tmp_path / "out") == [0, 0], [p.read_text() for p in (tmp_path / "out").glob("*.err")]
+    assert _spawn(cfg, tmp_path / "out") == [0, 0], _why(tmp_path / "out")
     ranks = [torch.load(tmp_path / "out" / f"rank{r}.pt", weights_only=False) for r in range(2)]
     assert ranks[0]["plans"] == ranks[1]["plans"] and len(ranks[0]["plans"]) >= 1
     assert any("running_mean" in k for k in ranks[0]["state"])
@@ -246,7 +258,7 @@ def test_two_ranks_steer_a_flops_budget_identically(tmp_path):
     cfg = _cfg(tmp_path / "two", penalty_ratio=None, reconfig_steps=None, target_flops=0.5, prune_until=0.5,
                reconfigurations=3)
     codes = _spawn(cfg, tmp_path / "out")
-    assert codes == [0, 0], [(p.name, p.read_text()) for p in (tmp_path / "out").glob("*.err")]
+    assert codes == [0, 0], _why(tmp_path / "out")
     ranks = [torch.load(tmp_path / "out" / f"rank{r}.pt", weights_only=False) for r in range(2)]
     assert ranks[0]["plans"] == ranks[1]["plans"] and len(ranks[0]["plans"]) >= 2
     for name, value in ranks[0]["state"].items():

@@ -231,6 +231,12 @@ class Dist:
                 raise RankFailure(self.failure_message(e)) from e
             raise
 
+    def finish(self) -> None:
+        """Wait until every rank has finished its run, so that none leaves the group while another
+        still trains, checkpoints or reports (rank 0 holds the store where it, not torchrun, serves it)."""
+        if self.active:
+            dist.barrier()
+
     def teardown(self, failed: bool = False) -> None:
         """Leave the process group (not after a failure on NCCL, whose teardown can wait on the dead peer)."""
         if self._old_sigterm is not None:

@@ -309,7 +309,9 @@ def train(cfg: TrainConfig, resume_dir: str | None = None, console=None) -> dict
     d = setup_distributed(cfg.device, cfg.dist_timeout)
     try:
         with d.failures():
-            return _train(cfg, resume_dir, console, d)
+            summary = _train(cfg, resume_dir, console, d)
+            d.finish()
+            return summary
     finally:
         d.teardown()
 
