@@ -28,7 +28,7 @@ from ptgraph.trainers.data import DataSets, load_data
 from ptgraph.trainers.distributed import Dist, ShardSampler, pick_device
 from ptgraph.trainers.distributed import setup as setup_distributed
 from ptgraph.trainers.prunetrain import PruneTrain, Reconfiguration
-from ptgraph.trainers.report import MetricsLog, make_run_dir, write_report
+from ptgraph.trainers.report import MetricsLog, make_run_dir, run_mode, weak_penalty_hint, write_report
 from ptgraph.trainers.resident import DeviceBatches, ImageTensors, image_tensors
 from ptgraph.trainers.task import logits  # noqa: F401 - tools import it from here
 from ptgraph.trainers.tokens import TokenBatches
@@ -300,6 +300,73 @@ class Run:
         return self.task.val_metrics(summed, count)
 
 
+    # -- one epoch -----------------------------------------------------------------------------
+    def train_epoch(self, console, run_dir: Path) -> tuple[float, float, float]:
+        """One epoch's steps behind a progress bar, reconfiguring when due; samples, hits and summed loss over all ranks."""
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        cfg, epoch_start = self.cfg, time.perf_counter()
+        loader = self.loader(self.data.train, True, self.epoch)
+        n_steps = min(len(loader), cfg.steps_per_epoch or len(loader))
+        seen, shown = 0, 0.0
+        correct = loss_sum = torch.zeros((), device=self.device)
+        with Progress(TextColumn(f"epoch {self.epoch + 1}/{cfg.epochs}"), BarColumn(), TextColumn("{task.fields[info]}"),
+                      TimeRemainingColumn(), console=console, transient=True) as bar:
+            task = bar.add_task("train", total=n_steps, info="")
+            for i, (x, y) in enumerate(loader):
+                if i >= n_steps:
+                    break
+                x, y = self._to(x), self._to(y)
+                try:
+                    loss, hits = self.train_step(x, y)
+                except torch.cuda.OutOfMemoryError:
+                    raise UserError(f"out of memory with a batch of {len(y)}; lower --batch-size"
+                                    + (" or --max-batch" if cfg.dynamic_batch else "")) from None
+                flops_now = self.pt.flops
+                self.train_flops += TRAIN_STEP_FACTOR * flops_now * len(y) * self.world
+                self.dense_train_flops += TRAIN_STEP_FACTOR * self.dense_flops * len(y) * self.world
+                seen, correct, loss_sum = seen + len(y), correct + hits, loss_sum + loss * len(y)
+                now = time.perf_counter()
+                if now - shown > 0.5 or i + 1 == n_steps:  # the figures need a GPU sync: twice a second at most
+                    shown, rate = now, seen * self.world / (now - epoch_start)
+                    bar.update(task, info=self.task.progress(float(loss_sum) / seen, float(correct) / seen, rate))
+                bar.advance(task)
+                if not cfg.dense and self.pt.reconfiguration_due():
+                    self.check_finite(loss_sum, run_dir)
+                    self.reconfigure(console)
+        self.pt.flush()  # every epoch ends with its thresholding applied (checkpoints hold no pending strength)
+        self.check_finite(loss_sum, run_dir)  # before anything of this epoch reaches a plan or the checkpoint
+        return tuple(self.dist.sum(seen, float(correct), float(loss_sum)))  # over all ranks' shards
+
+    def epoch_record(self, seen: float, correct: float, loss_sum: float, val: dict[str, float],
+                     seconds: float) -> dict[str, Any]:
+        """The epoch's line of metrics.jsonl, kept in self.records."""
+        record = {
+            "kind": "epoch", "epoch": self.epoch, "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
+            **val, "channels": sum(self.pt.channels.values()), "flops": self.pt.flops,
+            "scheduled_flops": self.pt.scheduled_flops, "dense_flops": self.dense_flops,
+            "params": count_params(self.model), "train_flops": self.train_flops,
+            "train_flops_share": self.train_flops / max(self.dense_train_flops, 1), "lr": self.opt.param_groups[0]["lr"],
+            "batch": self.batch, "world": self.world, "seconds": seconds,
+        }
+        self.records.append(record)
+        return record
+
+    def summary(self, wall_seconds: float, run_dir: Path) -> dict[str, Any]:
+        """The run's final figures, what train() returns."""
+        cfg = self.cfg
+        epochs = [r for r in self.records if r["kind"] == "epoch"]
+        return {
+            "model": self.spec, "data": cfg.data, "mode": "dense" if cfg.dense else "prunetrain", "epochs": cfg.epochs,
+            "target_flops": cfg.target_flops, "penalty_ratio": cfg.penalty_ratio,
+            **({k: v for k, v in epochs[-1].items() if k.startswith("val_")} if epochs else {"val_acc": None}),
+            "flops": self.pt.flops,
+            "dense_flops": self.dense_flops, "params": count_params(self.model),
+            "train_flops_share": self.train_flops / max(self.dense_train_flops, 1),
+            "reconfigurations": len(self.pt.plans), "wall_seconds": wall_seconds, "run_dir": str(run_dir),
+        }
+
+
 def train(cfg: TrainConfig, resume_dir: str | None = None, console=None) -> dict[str, Any]:
     """Run PruneTrain (or dense training with cfg.dense) and return the final figures.
 
@@ -318,7 +385,6 @@ def train(cfg: TrainConfig, resume_dir: str | None = None, console=None) -> dict
 
 def _train(cfg: TrainConfig, resume_dir: str | None, console, d: Dist) -> dict[str, Any]:
     from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     console = (console or Console()) if d.main else Console(quiet=True)
     payload = None
@@ -332,55 +398,16 @@ def _train(cfg: TrainConfig, resume_dir: str | None, console, d: Dist) -> dict[s
     log = MetricsLog(run_dir, cfg.tensorboard) if d.main else None
     if log:
         log.truncate_after(run.epoch)
-    if cfg.dense:
-        mode = "dense"
-    elif cfg.budget:
-        mode = (f"PruneTrain to {cfg.target_flops:.0%} of the dense FLOPs by {cfg.prune_until:.0%} of training "
-                f"({cfg.prune_schedule} schedule, {len(range(run.pt.reconfig_steps, run.pt.schedule.until + 1, run.pt.reconfig_steps))} "
-                f"reconfigurations, steered proximal lasso, {cfg.allocation} allocation"
-                f"{', compute-aware scores' if cfg.compute_aware else ''})")
-    else:
-        mode = f"PruneTrain ({cfg.lasso} lasso, penalty ratio {cfg.penalty_ratio})"
     procs = f" x {run.world} processes" if run.world > 1 else ""
     if payload and payload.get("world", 1) != run.world:
         console.print(f"resuming a {payload.get('world', 1)}-process run with {run.world} (batch per process kept)")
-    console.print(f"{mode}: {run.spec} on {cfg.data}, {cfg.epochs} epochs, batch {run.batch}{procs}, "
+    console.print(f"{run_mode(cfg, run.pt)}: {run.spec} on {cfg.data}, {cfg.epochs} epochs, batch {run.batch}{procs}, "
                   f"lr {cfg.lr * run.world_scale:g}, device {run.device}"
                   f"{', ' + str(run.amp).replace('torch.', '') if run.amp else ''}; run dir {run_dir}")
     start = time.perf_counter()
     while run.epoch < cfg.epochs:
         epoch_start = time.perf_counter()
-        loader = run.loader(run.data.train, True, run.epoch)
-        n_steps = min(len(loader), cfg.steps_per_epoch or len(loader))
-        seen, shown = 0, 0.0
-        correct = loss_sum = torch.zeros((), device=run.device)
-        with Progress(TextColumn(f"epoch {run.epoch + 1}/{cfg.epochs}"), BarColumn(), TextColumn("{task.fields[info]}"),
-                      TimeRemainingColumn(), console=console, transient=True) as bar:
-            task = bar.add_task("train", total=n_steps, info="")
-            for i, (x, y) in enumerate(loader):
-                if i >= n_steps:
-                    break
-                x, y = run._to(x), run._to(y)
-                try:
-                    loss, hits = run.train_step(x, y)
-                except torch.cuda.OutOfMemoryError:
-                    raise UserError(f"out of memory with a batch of {len(y)}; lower --batch-size"
-                                    + (" or --max-batch" if cfg.dynamic_batch else "")) from None
-                flops_now = run.pt.flops
-                run.train_flops += TRAIN_STEP_FACTOR * flops_now * len(y) * run.world
-                run.dense_train_flops += TRAIN_STEP_FACTOR * run.dense_flops * len(y) * run.world
-                seen, correct, loss_sum = seen + len(y), correct + hits, loss_sum + loss * len(y)
-                now = time.perf_counter()
-                if now - shown > 0.5 or i + 1 == n_steps:  # the figures need a GPU sync: twice a second at most
-                    shown, rate = now, seen * run.world / (now - epoch_start)
-                    bar.update(task, info=run.task.progress(float(loss_sum) / seen, float(correct) / seen, rate))
-                bar.advance(task)
-                if not cfg.dense and run.pt.reconfiguration_due():
-                    run.check_finite(loss_sum, run_dir)
-                    run.reconfigure(console)
-        run.pt.flush()  # every epoch ends with its thresholding applied (checkpoints hold no pending strength)
-        run.check_finite(loss_sum, run_dir)  # before anything of this epoch reaches a plan or the checkpoint
-        seen, correct, loss_sum = d.sum(seen, float(correct), float(loss_sum))  # over all ranks' shards
+        seen, correct, loss_sum = run.train_epoch(console, run_dir)
         run.sched.step()
         last = run.epoch + 1 == cfg.epochs
         if not cfg.dense and not cfg.budget and not cfg.reconfig_steps and (run.epoch + 1) % cfg.reconfig_every == 0 \
@@ -388,15 +415,7 @@ def _train(cfg: TrainConfig, resume_dir: str | None, console, d: Dist) -> dict[s
             run.reconfigure(console)
         val = run.evaluate()
         run.epoch += 1
-        record = {
-            "kind": "epoch", "epoch": run.epoch, "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
-            **val, "channels": sum(run.pt.channels.values()), "flops": run.pt.flops,
-            "scheduled_flops": run.pt.scheduled_flops, "dense_flops": run.dense_flops,
-            "params": count_params(run.model), "train_flops": run.train_flops,
-            "train_flops_share": run.train_flops / max(run.dense_train_flops, 1), "lr": run.opt.param_groups[0]["lr"],
-            "batch": run.batch, "world": run.world, "seconds": time.perf_counter() - epoch_start,
-        }
-        run.records.append(record)
+        record = run.epoch_record(seen, correct, loss_sum, val, time.perf_counter() - epoch_start)
         for r in run.records:  # every reconfiguration of this epoch, then the epoch line
             if r["epoch"] == run.epoch and log:
                 log.write(r)
@@ -408,16 +427,8 @@ def _train(cfg: TrainConfig, resume_dir: str | None, console, d: Dist) -> dict[s
             ckpt.save(run_dir / "checkpoint.pt", run.state())
     if log:
         log.close()
+    summary = run.summary(time.perf_counter() - start, run_dir)
     epochs = [r for r in run.records if r["kind"] == "epoch"]
-    summary = {
-        "model": run.spec, "data": cfg.data, "mode": "dense" if cfg.dense else "prunetrain", "epochs": cfg.epochs,
-        "target_flops": cfg.target_flops, "penalty_ratio": cfg.penalty_ratio,
-        **({k: v for k, v in epochs[-1].items() if k.startswith("val_")} if epochs else {"val_acc": None}),
-        "flops": run.pt.flops,
-        "dense_flops": run.dense_flops, "params": count_params(run.model),
-        "train_flops_share": run.train_flops / max(run.dense_train_flops, 1),
-        "reconfigurations": len(run.pt.plans), "wall_seconds": time.perf_counter() - start, "run_dir": str(run_dir),
-    }
     if epochs and d.main:
         write_report(run_dir, run.records, run.widths_before, run._widths(), summary)
     console.print(f"done: {run.task.describe(summary) if epochs else 'no epoch run'}, FLOPs/img {run.dense_flops / 1e6:.1f}M -> "
@@ -427,15 +438,3 @@ def _train(cfg: TrainConfig, resume_dir: str | None, console, d: Dist) -> dict[s
     if hint and d.main:
         console.print(hint)
     return summary
-
-
-def weak_penalty_hint(cfg: TrainConfig, summary: dict[str, Any]) -> str | None:
-    """A PruneTrain run that removed almost nothing had a penalty too weak for its schedule: the group
-    lasso only moves weights while the learning rate is high, so a short schedule needs a larger ratio."""
-    if summary["mode"] != "prunetrain" or cfg.budget or summary["flops"] < 0.9 * summary["dense_flops"]:
-        return None
-    removed = 1 - summary["flops"] / summary["dense_flops"]
-    return (f"note: PruneTrain removed only {removed:.0%} of the FLOPs: penalty ratio {cfg.penalty_ratio:g} was too weak "
-            f"for {cfg.epochs} epochs at lr {cfg.lr:g}; raise --penalty-ratio, or give a strong one with --target-flops "
-            f"(docs/BENCHMARKS.md section 1: on "
-            f"CIFAR-10 in 10 epochs ResNet-20 lost 4% at 0.8, 62% at 0.9, 92% at 0.95)")
