@@ -9,12 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch.nn.functional as F
 from torch import nn
 
 from ptgraph.channels import ChannelSpace
 from ptgraph.graph import Graph
 from ptgraph.passes.flow import ChannelFlow, run_flow
-from ptgraph.passes.rules import lookup
+from ptgraph.passes.rules import aten, lookup
 
 
 @dataclass(frozen=True, eq=False)
@@ -72,10 +73,9 @@ class ChannelAnalysis:
         prunable = [g.id for g in self.groups if g.prunable]
         task = [g.id for g in self.groups if not g.prunable and g.reason == "model output"]
         total = hit = 0
-        for name, m in self.graph.module.named_modules():
-            ids = self.flow.param_axes.get(f"{name}.weight", {}).get(
-                1 if isinstance(m, nn.modules.conv._ConvTransposeNd) else 0)
-            if not isinstance(m, nn.modules.conv._ConvNd) or ids is None:
+        for name, axis in _conv_weights(self.graph.module).items():
+            ids = self.flow.param_axes.get(name, {}).get(axis)
+            if ids is None:
                 continue
             groups = self._group_of_elements(ids[self.flow.alive[ids]])
             groups = groups[~np.isin(groups, task)]
@@ -110,6 +110,27 @@ class ChannelAnalysis:
 
 def analyze_channels(graph: Graph) -> ChannelAnalysis:
     return ChannelAnalysis(graph, run_flow(graph, lookup))
+
+
+_CONV_OPS = {F.conv1d: 0, F.conv2d: 0, F.conv3d: 0, F.conv_transpose1d: 1, F.conv_transpose2d: 1,
+             F.conv_transpose3d: 1}
+for _name, _axis in (("conv1d", 0), ("conv2d", 0), ("conv3d", 0), ("conv_transpose1d", 1), ("conv_transpose2d", 1),
+                     ("conv_transpose3d", 1)):
+    for _op in aten(f"{_name}.default", f"{_name}.input"):
+        _CONV_OPS[_op] = _axis
+
+
+def _conv_weights(gm: nn.Module) -> dict[str, int]:
+    """Conv weight name -> its output-channel axis: conv modules, and conv calls on a weight the graph reads
+    (a functional conv; every conv of a graph captured by torch.export, which has no conv modules)."""
+    out = {f"{name}.weight": int(isinstance(m, nn.modules.conv._ConvTransposeNd))
+           for name, m in gm.named_modules() if isinstance(m, nn.modules.conv._ConvNd)}
+    for node in getattr(getattr(gm, "graph", None), "nodes", ()):
+        axis = _CONV_OPS.get(node.target) if node.op == "call_function" else None
+        weight = node.args[1] if axis is not None and len(node.args) > 1 else None
+        if weight is not None and getattr(weight, "op", None) == "get_attr":
+            out.setdefault(str(weight.target), axis)
+    return out
 
 
 def _group_spaces(space: ChannelSpace) -> np.ndarray:

@@ -28,15 +28,16 @@ def load_and_trace(args: argparse.Namespace) -> tuple[Any, Any, tuple, dict[str,
     """Build the model a spec names, trace it in training mode and analyse its channels."""
     from ptgraph.graph import trace
     from ptgraph.passes import analyze_channels
-    from ptgraph.inputs import make_inputs, token_vocab
+    from ptgraph.inputs import check_input_count, make_inputs, token_vocab
     from ptgraph.specs import build_model, default_input_dtype, default_input_shape
 
     model = build_model(args.model)
     model.train(args.mode == "train")
-    shape = parse_shape(args.input_shape) if args.input_shape else default_input_shape(args.model)
+    shapes = [parse_shape(s) for s in args.input_shape] if args.input_shape else [default_input_shape(args.model, model)]
+    check_input_count(model, len(shapes))
     args.input_dtype = args.input_dtype or default_input_dtype(args.model)
     torch.manual_seed(args.seed)
-    inputs = make_inputs(model, shape, args.input_dtype)
+    inputs = tuple(x for shape in shapes for x in make_inputs(model, shape, args.input_dtype))
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -175,15 +176,16 @@ def cmd_export(args: argparse.Namespace) -> int:
 
         payload = load(args.source)
         model, shape = rebuild(payload)
-        shape, dtype = (1, *shape[1:]), args.input_dtype or payload.get("input_dtype", "float")
+        shapes, dtype = [(1, *shape[1:])], args.input_dtype or payload.get("input_dtype", "float")
     else:
         args.mode = "eval"
         _, analysis, inputs, _ = load_and_trace(args)
-        model, shape, dtype = analysis.graph.module, tuple(inputs[0].shape), args.input_dtype
+        model, shapes, dtype = analysis.graph.module, [tuple(x.shape) for x in inputs], args.input_dtype
     if args.input_shape:
-        shape = parse_shape(args.input_shape)
+        shapes = [parse_shape(s) for s in args.input_shape]
     torch.manual_seed(args.seed)
-    result = export(model, make_inputs(model, shape, dtype), args.out, args.opset, args.dynamic_batch)
+    inputs = tuple(x for shape in shapes for x in make_inputs(model, shape, dtype))
+    result = export(model, inputs, args.out, args.opset, args.dynamic_batch)
     info = {**result.as_dict(), "flops": forward_flops(model)}
     if args.json:
         print(json.dumps(info, indent=1))
@@ -323,7 +325,9 @@ def _input_dtype(p: argparse.ArgumentParser) -> None:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model spec: torchvision:NAME[?k=v], timm:NAME, or module:callable")
-    p.add_argument("--input-shape", default=None, help="example input shape, e.g. 1,3,224,224 (default: the model's)")
+    p.add_argument("--input-shape", action="append", default=None,
+                   help="example input shape, e.g. 1,3,224,224; once per input of a forward that takes several "
+                        "(default: the model's; a clip of 1,C,16,112,112 when its first conv is 3-D)")
     _input_dtype(p)
     p.add_argument("--mode", choices=("train", "eval"), default="train",
                    help="mode to trace in; train keeps training-only branches such as auxiliary heads (default: train)")
@@ -353,7 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="export a model spec straight away instead (no training)")
     p.add_argument("--out", required=True, help="the .onnx file to write")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
-    p.add_argument("--input-shape", default=None, help="input shape to export with (default: the traced one, batch 1)")
+    p.add_argument("--input-shape", action="append", default=None,
+                   help="input shape to export with, once per input (default: the traced ones, batch 1)")
     _input_dtype(p)
     p.add_argument("--dynamic-batch", action="store_true", help="make the batch dimension dynamic")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")

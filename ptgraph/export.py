@@ -108,12 +108,27 @@ def _export(model: nn.Module, inputs: tuple, path: str, opset: int, dynamic_batc
             return "dynamo"
 
 
+def _run_onnxruntime(path: str, inputs: tuple, opset: int) -> list[np.ndarray]:
+    """The exported file's outputs in onnxruntime; a file onnxruntime cannot load or run (an exporter's graph
+    that is valid ONNX but wrong for these shapes, as torch emits for torchvision's MViT) is one clear error."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # its errors come back as the exception below, not as log lines
+    try:
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        return session.run(None, {i.name: x.numpy() for i, x in zip(session.get_inputs(), inputs)})
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"onnxruntime cannot run the model exported at opset {opset} ({first[:300]}); try another "
+                        f"--opset, or --ignore the module that holds this op") from None
+
+
 def export(model: nn.Module, example_inputs: Any, path: str | os.PathLike, opset: int = DEFAULT_OPSET,
            dynamic_batch: bool = False, check_batch: int | None = None) -> ExportResult:
     """Export `model` as it runs in eval mode (auxiliary heads dropped) to ONNX, check it, run the same random batch through onnxruntime and
     PyTorch, and return the figures. With `dynamic_batch`, the check uses a batch of `check_batch` (default 3)."""
     import onnx
-    import onnxruntime as ort
 
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     model = without_aux_heads(model)
@@ -137,9 +152,7 @@ def export(model: nn.Module, example_inputs: Any, path: str | os.PathLike, opset
         check_inputs = tuple(like(model, x, batch) for x in inputs)  # token ids stay ids of the model's vocabulary
         with torch.no_grad():
             want = _flat(model(*check_inputs))
-        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-        feed = {i.name: x.numpy() for i, x in zip(session.get_inputs(), check_inputs)}
-        got = session.run(None, feed)
+        got = _run_onnxruntime(path, check_inputs, opset)
     finally:
         model.train(was_training)
     max_abs, num, den = 0.0, 0.0, 0.0

@@ -88,6 +88,8 @@ def export_module(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
             graph.erase_node(node)
         elif node.op == "call_function" and node.target in _ASSERTS and not node.users:
             graph.erase_node(node)
+        elif node.op == "call_function" and node.target is aten.lift_fresh_copy.default:
+            node.target = aten.clone.default  # the same copy of a constant (`torch.tensor(...)`), which ONNX can export
     _follow_mode(graph)
     _follow_device(graph, _device_of(model))
     gm = fx.GraphModule(exported, graph, class_name=type(model).__name__)

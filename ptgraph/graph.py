@@ -247,8 +247,9 @@ def trace(
         try:
             exported = _exported(model, example_inputs)
         except UserError as export_error:
+            why = getattr(export_error, "reason", str(export_error))
             raise UserError(f"neither torch.fx nor torch.export can trace the top level of {type(model).__name__} "
-                            f"(fx: {e}); {_FIX}") from export_error
+                            f"(fx: {_sentence(str(e))}; torch.export: {_sentence(why)}); {_FIX}") from export_error
         return _with_shapes(exported, example_inputs, {}, ignore, "export")
     if capture == "auto" and not leaf_modules and (fallbacks or _has_opaque_modules(gm)):
         try:
@@ -304,7 +305,15 @@ def _exported(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
         return export_module(model, example_inputs)
     except Exception as e:  # noqa: BLE001
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"torch.export cannot capture {type(model).__name__} ({first}); {_FIX}") from e
+        error = UserError(f"torch.export cannot capture {type(model).__name__} ({first}); {_FIX}")
+        error.reason = first  # what trace names when fx failed first
+        raise error from e
+
+
+def _sentence(text: str, limit: int = 160) -> str:
+    """The first sentence of an error message, cut to `limit` characters: two reasons must fit one line."""
+    first = text.strip().split(". ", 1)[0]
+    return first if len(first) <= limit else first[:limit - 3] + "..."
 
 
 def _with_shapes(gm: fx.GraphModule, example_inputs: tuple, leaves: dict[str, str], ignore: tuple[str, ...],

@@ -6,6 +6,8 @@ random inputs of the right kind.
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -54,3 +56,24 @@ def like(model: nn.Module, x: torch.Tensor, batch: int | None = None) -> torch.T
 def dtype_name(x: torch.Tensor) -> str:
     """'long' for integer tensors, 'float' otherwise: how checkpoints record the traced input."""
     return "float" if x.is_floating_point() else "long"
+
+
+def check_input_count(model: nn.Module, given: int) -> None:
+    """Refuse, in one sentence, a number of example inputs the model's forward cannot take (RAFT reads two
+    images), before a trace fails on it with a message about something else."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):  # no Python signature to read
+        return
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = [p.name for p in positional if p.default is p.empty]
+    if len(required) <= given <= len(positional):
+        return
+    shapes = "1 input shape was" if given == 1 else f"{given} input shapes were"
+    named = required if given < len(required) else [p.name for p in positional]
+    count = len(required) if given < len(required) else len(positional)
+    takes = f"{'needs' if given < len(required) else 'takes at most'} {count} input{'s' if count != 1 else ''}"
+    raise UserError(f"{type(model).__name__}.forward {takes} ({', '.join(named)}) but {shapes} given; "
+                    f"pass --input-shape once for each input")

@@ -72,8 +72,8 @@ class _Walk:
             elif n.op == "get_attr":
                 value = self._attr(n.target)
             else:
-                args = fx.node.map_arg(n.args, env.__getitem__)
-                kwargs = fx.node.map_arg(n.kwargs, env.__getitem__)
+                args = _bind(n.args, env)
+                kwargs = _bind(n.kwargs, env)
                 if n.op == "output":
                     value = args[0]
                 elif n.op == "call_module":
@@ -125,6 +125,23 @@ class _Walk:
             if out is not None:
                 return out
         return getattr(args[0], target)(*args[1:], **kwargs)
+
+
+def _bind(arg: Any, env: dict[fx.Node, Any]) -> Any:
+    """arg with its nodes replaced by their values, in fresh plain lists and dicts, as the generated code
+    passes them: fx.node.map_arg gives immutable ones, which a function that edits its list argument in
+    place (torchvision's swin3d `_get_window_and_shift_size`) cannot take."""
+    if isinstance(arg, fx.Node):
+        return env[arg]
+    if isinstance(arg, list):
+        return [_bind(a, env) for a in arg]
+    if isinstance(arg, tuple):
+        return tuple(_bind(a, env) for a in arg)
+    if isinstance(arg, dict):
+        return {k: _bind(v, env) for k, v in arg.items()}
+    if isinstance(arg, slice):
+        return slice(_bind(arg.start, env), _bind(arg.stop, env), _bind(arg.step, env))
+    return arg
 
 
 def _placeholder(n: fx.Node, feed: Iterator) -> Any:

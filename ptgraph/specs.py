@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import ast
 import importlib
+import inspect
 import os
 import sys
 import warnings
 from dataclasses import dataclass
+from typing import Callable
 from urllib.parse import parse_qsl
 
 from torch import nn
@@ -65,6 +67,7 @@ def build_model(spec: str | ModelSpec) -> nn.Module:
             close = [n for n in names if n.startswith(s.name[:4])][:5]
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise UserError(f"torchvision has no model '{s.name}'{hint}; see torchvision.models.list_models()")
+        kwargs = _no_backbone_weights(torchvision.models.get_model_builder(s.name), kwargs)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return _call(lambda: torchvision.models.get_model(s.name, weights=None, **kwargs), s)
@@ -99,6 +102,14 @@ def build_model(spec: str | ModelSpec) -> nn.Module:
     return model
 
 
+def _no_backbone_weights(builder: Callable[..., nn.Module], kwargs: dict[str, object]) -> dict[str, object]:
+    """kwargs with weights_backbone=None where the builder takes it and the user left it out: its default
+    (segmentation, detection) downloads ImageNet weights, and a spec promises random weights, offline."""
+    if "weights_backbone" in kwargs or "weights_backbone" not in inspect.signature(builder).parameters:
+        return kwargs
+    return {**kwargs, "weights_backbone": None}
+
+
 def _call(make, spec: ModelSpec) -> nn.Module:
     try:
         return make()
@@ -112,8 +123,12 @@ def default_input_dtype(spec: str | ModelSpec) -> str:
     return "long" if (s.source, s.name) == ("ptgraph", "gpt") else "float"
 
 
-def default_input_shape(spec: str | ModelSpec) -> tuple[int, ...]:
-    """The input a model of this spec expects by default (batch of 1): an image, or a block of tokens for ptgraph:gpt."""
+VIDEO_CLIP = (16, 112, 112)  # frames, height, width: the Kinetics clip of torchvision's R(2+1)D family
+
+
+def default_input_shape(spec: str | ModelSpec, model: nn.Module | None = None) -> tuple[int, ...]:
+    """The input a model of this spec expects by default (batch of 1): an image, a video clip when the
+    model's first convolution is 3-D (so it reads (C, T, H, W)), or a block of tokens for ptgraph:gpt."""
     s = parse_spec(spec) if isinstance(spec, str) else spec
     size = dict(s.kwargs).get("image_size")
     if isinstance(size, int):
@@ -125,4 +140,12 @@ def default_input_shape(spec: str | ModelSpec) -> tuple[int, ...]:
         return (1, block if isinstance(block, int) and block > 0 else 64)
     if s.source == "ptgraph":
         return (1, 3, 32, 32)
+    stem = first_conv(model) if model is not None else None
+    if isinstance(stem, nn.Conv3d):
+        return (1, stem.in_channels, *VIDEO_CLIP)
     return (1, 3, 224, 224)
+
+
+def first_conv(model: nn.Module) -> nn.modules.conv._ConvNd | None:
+    """The model's first convolution in registration order (its stem, in every library model seen), or None."""
+    return next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)

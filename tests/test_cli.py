@@ -73,6 +73,24 @@ def test_bad_input_is_one_line_exit_2(capsys, argv, words):
     assert "Traceback" not in err
 
 
+def test_video_model_gets_a_clip_by_default(capsys):
+    code, out, _ = run(capsys, "analyze", "--model", "toy_models:TinyVideoNet", "--verify", "--json")
+    info = json.loads(out)
+    assert code == 0 and info["verify"]["ok"]  # a 4-D image would not run through its Conv3d stem
+
+
+def test_two_input_model_takes_one_shape_per_input(capsys):
+    code, _, err = run(capsys, "analyze", "--model", "toy_models:TwoInputNet", "--input-shape", "1,3,8,8")
+    assert code == 2 and err.count("\n") == 1
+    assert "needs 2 inputs (image1, image2) but 1 input shape was given" in err
+    code, out, _ = run(capsys, "analyze", "--model", "toy_models:TwoInputNet", "--input-shape", "1,3,8,8",
+                       "--input-shape", "1,3,8,8", "--verify", "--onnx", "--json")
+    info = json.loads(out)
+    assert code == 0 and info["verify"]["ok"] and info["onnx"]["ok"]
+    shared = [g for g in info["groups"] if g["prunable"] and g["members"] >= 5]  # a, b and head's input: one group
+    assert shared and shared[0]["size"] == 8
+
+
 def test_debug_shows_traceback():
     from ptgraph.errors import UserError
 

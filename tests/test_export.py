@@ -126,6 +126,37 @@ def test_unexportable_op_is_named(tmp_path):
         export(CustomOp().eval(), (torch.randn(1, 1, 4, 4),), tmp_path / "m.onnx")
 
 
+class IntegerRelu(torch.nn.Module):
+    """Valid ONNX that onnxruntime cannot run: it has no CPU kernel for Relu on int16."""
+
+    def forward(self, x):
+        return torch.relu(x.to(torch.int16)).float()
+
+
+def test_model_onnxruntime_cannot_run_is_one_clear_error(tmp_path):
+    # torchvision's MViT exports to a graph onnxruntime fails on; that must be a refusal, not a crash
+    with pytest.raises(UserError, match="onnxruntime cannot run the model exported at opset 17"):
+        export(IntegerRelu().eval(), (torch.randn(1, 3, 4, 4),), tmp_path / "m.onnx")
+
+
+class TensorConstant(torch.nn.Module):
+    """`torch.tensor(...)` in a forward: torch.export captures it as aten.lift_fresh_copy, which ONNX lacks (RAFT)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return self.conv(x) * torch.tensor([2.0, 0.5]).sum()
+
+
+def test_tensor_constant_of_an_exported_graph_exports_to_onnx(tmp_path):
+    x = torch.randn(1, 3, 8, 8)
+    graph = ptgraph.trace(TensorConstant(), (x,), capture="export")
+    result = export(graph.module, (x,), tmp_path / "m.onnx")
+    assert result.ok, result
+
+
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 
 from strategies import architectures  # noqa: E402

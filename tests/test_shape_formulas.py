@@ -152,3 +152,37 @@ def test_meta_walk_equals_real_walk_on_a_torchvision_model():
     walk.restore()
     assert fast == {n: (n.meta["shape"], n.meta.get("dtype")) for n in gm.graph.nodes}
     assert all(m.training for m in gm.modules())
+
+
+def _fit_window(window: list[int], size: list[int]) -> list[int]:
+    """Edits its list argument in place, as torchvision's swin3d `_get_window_and_shift_size` does."""
+    for i in range(len(window)):
+        window[i] = min(window[i], size[i])
+    return window
+
+
+torch.fx.wrap("_fit_window")
+
+
+class WindowPool(nn.Module):
+    """A wrapped call that gets a list constant and a list of traced sizes, then pools by the result."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.window = [4, 16]
+
+    def forward(self, x):
+        x = self.conv(x)
+        k = _fit_window(self.window, [x.shape[2], x.shape[3]])
+        return F.avg_pool2d(x, kernel_size=(k[0], k[1]))
+
+
+def test_shapes_pass_fresh_mutable_lists_to_wrapped_functions():
+    x = torch.randn(1, 3, 8, 8)
+    graph = ptgraph.trace(WindowPool(), (x,))
+    out = [n for n in graph.module.graph.nodes if n.op == "output"][0]
+    assert out.args[0].meta["shape"] == (1, 8, 2, 1)
+    eager = WindowPool()
+    eager.load_state_dict(graph.module.state_dict())
+    assert torch.allclose(graph.module(x), eager(x))

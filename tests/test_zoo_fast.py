@@ -104,3 +104,37 @@ def test_cifar_resnet_width_mult_scales_every_stage():
         build_model("ptgraph:resnet20?width_mult=0")
     with pytest.raises(UserError, match="width_mult"):
         build_model("ptgraph:resnet20?width_mult=True")
+
+
+def test_torchvision_builders_get_no_backbone_weights(monkeypatch):
+    """Segmentation and detection builders default to downloading ImageNet backbone weights; a spec means
+    random weights and nothing downloaded, unless the user names weights_backbone."""
+    from ptgraph.specs import build_model
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("a spec tried to download weights")
+
+    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", no_download)
+    model = build_model("torchvision:lraspp_mobilenet_v3_large?num_classes=3")
+    assert model(torch.randn(1, 3, 32, 32))["out"].shape == (1, 3, 32, 32)
+    with pytest.raises(AssertionError, match="download"):
+        build_model("torchvision:lraspp_mobilenet_v3_large?weights_backbone='DEFAULT'")
+
+
+def test_default_input_shape_follows_the_first_conv():
+    from ptgraph.specs import build_model, default_input_shape
+
+    video = build_model("torchvision:r3d_18")
+    assert default_input_shape("torchvision:r3d_18", video) == (1, 3, 16, 112, 112)
+    image = build_model("torchvision:squeezenet1_1")
+    assert default_input_shape("torchvision:squeezenet1_1", image) == (1, 3, 224, 224)
+    assert default_input_shape("torchvision:r3d_18") == (1, 3, 224, 224)  # no model: the image default
+
+
+def test_conv_share_counts_the_convs_of_an_exported_graph():
+    """A graph captured by torch.export has no conv modules (RAFT): its aten convs count the same."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.ConvTranspose2d(8, 6, 2),
+                                torch.nn.ReLU(), torch.nn.Conv2d(6, 2, 1))
+    x = torch.randn(1, 3, 8, 8)
+    shares = [analyze_channels(trace(model, (x,), capture=c)).conv_prunable_fraction() for c in ("fx", "export")]
+    assert shares == [1.0, 1.0]  # the last conv's channels are the output, not counted

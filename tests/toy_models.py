@@ -125,3 +125,31 @@ class CatNet(nn.Module):
 
 def cat_net(num_classes: int = 10):
     return CatNet(num_classes=num_classes)
+
+
+class TinyVideoNet(nn.Module):
+    """A 3-D convolution first: it reads clips (N, C, T, H, W), so its default input is 5-D."""
+
+    def __init__(self, num_classes: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Conv3d(3, 4, 3, stride=(2, 8, 8), padding=1)
+        self.block = nn.Conv3d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = x + torch.relu(self.block(x))
+        return self.fc(x.mean((2, 3, 4)))
+
+
+class TwoInputNet(nn.Module):
+    """A forward of two images (as RAFT's): one --input-shape per input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, image1, image2):
+        return self.head(torch.relu(self.a(image1) + self.b(image2)))
