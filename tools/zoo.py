@@ -23,6 +23,11 @@ default size. The table replaces the timm section of docs/ZOO.md and leaves the 
 
     python tools/zoo.py --timm --raw runs/zoo_timm.jsonl    # every family, writes the timm section
     python tools/zoo.py --timm --models ghostnet_050,levit_128s --out /tmp/zoo.md
+
+`--tasks` sweeps torchvision's other model zoos (tools/zoo_tasks.py): segmentation, video, optical flow and
+detection, each through the CLI at a small input of its task, and writes their section of docs/ZOO.md.
+
+    python tools/zoo.py --tasks --jobs 1 --raw runs/zoo_tasks.jsonl
 """
 from __future__ import annotations
 
@@ -75,11 +80,12 @@ def _largest_frozen(groups: list[dict[str, Any]]) -> str | None:
 
 
 def run_model(name: str, ratio: float, timeout: float, threads: int | None, family: str | None = None,
-              onnx: bool = True) -> dict[str, Any]:
-    """Run the CLI (timm: this tool's worker) on one model in a subprocess and condense its JSON."""
+              onnx: bool = True, extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Run the CLI (timm: this tool's worker) on one model in a subprocess and condense its JSON;
+    `extra`: more CLI arguments for a torchvision model (--input-shape)."""
     if family is None:
         cmd = [sys.executable, "-m", "ptgraph", "analyze", "--model", f"torchvision:{name}", "--verify",
-               "--onnx", "--ratio", str(ratio), "--json"]
+               *(["--onnx"] if onnx else []), "--ratio", str(ratio), "--json", *extra]
     else:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--timm-worker", name, "--ratio", str(ratio)]
         cmd += [] if onnx else ["--no-onnx"]
@@ -369,6 +375,14 @@ def timm_section(doc: str) -> str:
     return ""
 
 
+def kept_sections(doc: str) -> str:
+    """The timm and torchvision-task parts of docs/ZOO.md, kept when the classification part is rewritten."""
+    from zoo_tasks import tasks_section  # noqa: PLC0415 - it imports this module
+
+    timm, tasks = timm_section(doc), tasks_section(doc)
+    return timm + ("\n" if timm and tasks else "") + tasks
+
+
 # -- main -------------------------------------------------------------------------------------
 def _load_raw(path: Path) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]], dict[str, Any] | None]:
     """The records of a --raw file, the sweeps that wrote them and the last timing (its first line)."""
@@ -446,7 +460,9 @@ def main(argv: list[str] | None = None) -> int:
                    "writes the timm section of --out")
     p.add_argument("--sizes", default=str(ROOT / "runs" / "timm_sizes.json"),
                    help="with --timm: cache of every timm model's parameter count (default: runs/timm_sizes.json)")
-    p.add_argument("--no-onnx", action="store_true", help="with --timm: skip the ONNX export")
+    p.add_argument("--no-onnx", action="store_true", help="with --timm or --tasks: skip the ONNX export")
+    p.add_argument("--tasks", action="store_true", help="sweep torchvision's segmentation, video, optical-flow and "
+                   "detection models instead (tools/zoo_tasks.py); writes their section of --out")
     p.add_argument("--timm-worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--timm-sizes-worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -462,6 +478,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.timm:
         return zoo_timm.main_timm(args, argv)
+    if args.tasks:
+        import zoo_tasks  # noqa: PLC0415 - imports this module's helpers back
+
+        return zoo_tasks.main_tasks(args, argv)
 
     if args.timing_worker:
         models = args.models.split(",") if args.models else list(TIMING_MODELS)
@@ -491,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     shown = [results[m] for m in (everything if raw is not None and args.reuse else chosen) if m in results]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    kept = timm_section(out.read_text()) if out.exists() else ""
+    kept = kept_sections(out.read_text()) if out.exists() else ""
     out.write_text(render(shown, timing, runs, mach, args.ratio, args.timeout) + ("\n" + kept if kept else ""))
     n_ok = sum(r.get("status") == "ok" for r in shown)
     print(f"{n_ok}/{len(shown)} verified; wrote {out}", file=sys.stderr)
