@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
 from ptgraph.passes.flow import Context, Counter, NodeType, freeze_everything, set_arg
 from ptgraph.passes.rules import RULES, aten, leaf_rule, qualname, rule
@@ -93,11 +93,15 @@ def layer_norm_function(ctx: Context) -> NodeType:
     """F.layer_norm(x, shape, weight, bias) and F.rms_norm(x, shape, weight): the same binding."""
     shape_arg = ctx.arg(1, "normalized_shape")
     rms = "rms_norm" in str(ctx.node.target)
-    names = [ctx.attr_name(ctx.arg(i, k)) for i, k in (((2, "weight"),) if rms else ((2, "weight"), (3, "bias")))]
+    affine = [ctx.arg(i, k) for i, k in (((2, "weight"),) if rms else ((2, "weight"), (3, "bias")))]
+    names = [ctx.attr_name(a) for a in affine]
     if not isinstance(shape_arg, (tuple, list)) or not all(isinstance(s, int) for s in shape_arg):
         return freeze_everything(ctx, f"{ctx.node.name}: normalized_shape computed at run time")
     shape0 = tuple(shape_arg)
     t, covered = _layer_norm(ctx, ctx.arg(0, "input"), shape0, names)
+    for a, name in zip(affine, names):
+        if isinstance(a, fx.Node) and name is None:
+            _unify_computed_affine(ctx, a, covered)
     node = ctx.node
 
     def fix(count: Counter) -> None:
@@ -106,6 +110,17 @@ def layer_norm_function(ctx: Context) -> NodeType:
     if covered:
         ctx.rewrite(fix)
     return t
+
+
+def _unify_computed_affine(ctx: Context, operand: fx.Node, covered: dict) -> None:
+    """A weight or bias the graph computes (a parameter cast first, `self.weight.float()` in HF's RMSNorms)
+    scales the normalised channels one to one: its channels are theirs; where either side is untyped, both stay."""
+    typed = ctx.type_of(operand)
+    for i in set(covered) | set(typed):
+        if i in covered and i in typed:
+            ctx.unify(typed[i], covered[i])
+        else:
+            ctx.freeze(covered[i] if i in covered else typed[i], f"{ctx.node.name}: norm affine operand of fixed size")
 
 
 def _group_norm(ctx: Context, x: object, groups: int, names: list[str | None]) -> tuple[NodeType, np.ndarray | None]:
@@ -142,8 +157,12 @@ def group_norm_module(ctx: Context) -> NodeType:
 @rule(F.group_norm, *aten("group_norm.default"))
 def group_norm_function(ctx: Context) -> NodeType:
     groups0 = ctx.arg(1, "num_groups")
-    names = [ctx.attr_name(ctx.arg(i, k)) for i, k in ((2, "weight"), (3, "bias"))]
+    affine = [ctx.arg(i, k) for i, k in ((2, "weight"), (3, "bias"))]
+    names = [ctx.attr_name(a) for a in affine]
     t, ids = _group_norm(ctx, ctx.arg(0, "input"), groups0, names)
+    for a, name in zip(affine, names):
+        if isinstance(a, fx.Node) and name is None:
+            _unify_computed_affine(ctx, a, {} if ids is None else {0: ids})
     if ids is not None and groups0 > 1:
         node, n0 = ctx.node, len(ids)
 

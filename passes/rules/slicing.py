@@ -22,8 +22,9 @@ def cat(ctx: Context) -> NodeType:
     tensors = ctx.arg(0, "tensors")
     if not isinstance(tensors, (list, tuple)) or not all(isinstance(n, fx.Node) for n in tensors):
         return freeze_everything(ctx)
-    shapes = [ctx.shape_of(n) for n in tensors]
     nd = len(ctx.out_shape)
+    tensors = [n for n in tensors if not (ctx.shape_of(n) == (0,) and nd > 1)]  # cat skips an empty 1-D operand (a cache's start)
+    shapes = [ctx.shape_of(n) for n in tensors]
     d = ctx.arg(1, "dim", 0) % nd
     parts = [ctx.type_of(n) for n in tensors]
     out = unify_aligned(ctx, list(zip(parts, shapes)), ctx.out_shape, frozenset({d}))
