@@ -67,3 +67,24 @@ def test_a_computed_group_norm_weight_shares_the_normalised_channels():
     group = {(m.name, m.axis): g.id for g in analyze_channels(graph).groups for m in g.members}
     assert group[("weight", 0)] == group[("conv.weight", 0)]
     check_exact(CastGroupNorm(), torch.randn(1, 3, 8, 8))
+
+
+class CastLinearNet(nn.Module):
+    """A linear layer on cast parameters (HF's mixed-precision pattern) between two plain ones."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.mid, self.down = nn.Linear(8, 12), nn.Linear(12, 10), nn.Linear(10, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.up(x))
+        h = torch.relu(F.linear(h.float(), self.mid.weight.float(), self.mid.bias.float()).type_as(x))
+        return self.down(h)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_linear_layer_on_cast_parameters_is_prunable_on_both_sides(capture):
+    analysis = check_exact(CastLinearNet(), torch.randn(3, 8), capture=capture)
+    group = {(m.name, m.axis): g for g in analysis.groups for m in g.members}
+    assert group[("mid.weight", 1)].prunable and group[("mid.weight", 1)] is group[("up.weight", 0)]
+    assert group[("mid.weight", 0)].prunable and group[("mid.weight", 0)] is group[("down.weight", 1)]

@@ -39,8 +39,33 @@ def linear_function(ctx: Context) -> NodeType:
     w_node, b_node = ctx.arg(1, "weight"), ctx.arg(2, "bias")
     weight, bias = ctx.attr_name(w_node), ctx.attr_name(b_node)
     if weight is None or (b_node is not None and bias is None):
-        return freeze_everything(ctx, f"{ctx.node.name}: linear weights that are not parameters")
+        return computed_linear_types(ctx, ctx.arg(0, "input"), w_node, b_node)
     return linear_types(ctx, ctx.arg(0, "input"), weight, bias, ctx.shape_of(w_node))
+
+
+def computed_linear_types(ctx: Context, x: object, w_node: object, b_node: object) -> NodeType:
+    """F.linear on a weight or bias the graph computes (a parameter cast first, HF's `self.weight.float()`):
+    the operands' own channel types are the layer's, as a parameter's would be; where one side of a
+    coupling is untyped (a tensor of fixed size), the other side's channels are frozen."""
+    t = dict(ctx.type_of(x))
+    last = len(ctx.shape_of(x)) - 1
+    w, b = ctx.type_of(w_node), ctx.type_of(b_node)
+    reason = f"{ctx.node.name}: linear weight of fixed size"
+    _couple(ctx, t.pop(last, None), w.get(1), reason)
+    out = w.get(0)
+    if b_node is not None:
+        _couple(ctx, out, b.get(0), reason)
+    if out is not None:
+        t[last] = out
+    return t
+
+
+def _couple(ctx: Context, a, b, reason: str) -> None:
+    """The same channels on both sides: unified when both are typed, frozen when only one is."""
+    if a is not None and b is not None:
+        ctx.unify(a, b)
+    elif a is not None or b is not None:
+        ctx.freeze(a if a is not None else b, reason)
 
 
 @rule(nn.Embedding)
