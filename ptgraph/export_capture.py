@@ -8,7 +8,7 @@ them shows in the user's model and in any optimizer built on it.
 
 Four things are adjusted so that the graph can be trained and evaluated like a symbolic trace:
 - mode: export bakes train/eval into the ops (dropout's `train`, batch norm's `training`, the
-  attention dropout probability); those arguments read the graph module's `training` instead,
+  attention dropout probability, stochastic depth's random mask); those read the graph module's `training` instead,
   so `.train()` / `.eval()` behave as on the original model (the model is exported in train mode);
 - device: constants created on the export device (`arange(..., device=cpu)`) follow the
   parameters' device, so the graph module moves with `.to(...)`;
@@ -34,8 +34,10 @@ from ptgraph.passes.flow import set_arg
 
 aten = torch.ops.aten
 
+# in-place variants too: `nn.Dropout(p, inplace=True)` (HF MobileNet's classifier) exports as dropout_
 _DROPOUTS = {aten.dropout.default, aten.feature_dropout.default, aten.alpha_dropout.default,
-             aten.feature_alpha_dropout.default}
+             aten.feature_alpha_dropout.default, aten.dropout_.default, aten.feature_dropout_.default,
+             aten.alpha_dropout_.default, aten.feature_alpha_dropout_.default}
 _ASSERTS = {aten._assert_tensor_metadata.default, aten._assert_scalar.default,
             aten.sym_constrain_range_for_size.default, aten._assert_async.msg}
 
@@ -132,11 +134,47 @@ def _follow_mode(graph: fx.Graph) -> None:
             set_arg(node, 5, "training", flag())
         elif node.target is aten.add_.Tensor and _is_batch_counter(node.args[0]) and node.args[1] == 1:
             node.update_arg(1, flag())  # num_batches_tracked counts training steps only
+        elif (keep := _bernoulli_keep(node)) is not None:
+            _keep_in_eval(graph, node, keep, flag())
         elif node.target is aten.scaled_dot_product_attention.default:
             p = _arg(node, 4, "dropout_p", 0.0)
             if isinstance(p, float) and p > 0:
                 with graph.inserting_before(node):
                     set_arg(node, 4, "dropout_p", graph.call_function(operator.mul, (flag(), p)))
+
+
+_BERNOULLI = {aten.bernoulli.p, aten.bernoulli_.float}
+
+
+def _bernoulli_keep(node: fx.Node) -> float | None:
+    """The keep probability of a per-sample Bernoulli mask, as stochastic depth draws it (HF's and timm's
+    drop_path: `floor(keep + rand(shape))`, `new_empty(shape).bernoulli_(keep)`); None for other nodes."""
+    if node.target in _BERNOULLI:
+        p = _arg(node, 1, "p", 0.5)  # bernoulli_'s default
+        return p if isinstance(p, float) and 0 < p < 1 else None
+    if node.target not in (aten.floor.default, aten.floor_.default) or not isinstance(node.args[0], fx.Node):
+        return None
+    add = node.args[0]
+    if add.target is not aten.add.Tensor or len(add.args) != 2:
+        return None
+    rand, keep = add.args if isinstance(add.args[0], fx.Node) else add.args[::-1]
+    is_rand = isinstance(rand, fx.Node) and rand.target in (aten.rand.default, aten.rand_like.default)
+    return keep if is_rand and isinstance(keep, float) and 0 < keep < 1 else None
+
+
+def _keep_in_eval(graph: fx.Graph, mask: fx.Node, keep: float, training: fx.Node) -> None:
+    """A drop-path mask `m` becomes `keep + (m - keep) * training`: the same draw in training, the constant
+    `keep` in eval, which the code's own `x / keep * m` (or `m / keep`) turns into the identity, as
+    `if not self.training: return x` does."""
+    with graph.inserting_after(mask):
+        centred = graph.call_function(aten.sub.Tensor, (mask, keep))
+    with graph.inserting_after(centred):
+        on = graph.call_function(operator.mul, (training, 1.0))  # a Python float: ONNX has no Tensor * bool
+    with graph.inserting_after(on):
+        gated = graph.call_function(aten.mul.Tensor, (centred, on))
+    with graph.inserting_after(gated):
+        out = graph.call_function(aten.add.Tensor, (gated, keep))
+    mask.replace_all_uses_with(out, delete_user_cb=lambda user: user is not centred)
 
 
 def _is_batch_counter(value: Any) -> bool:
