@@ -79,3 +79,27 @@ def test_budget_sweep_refuses_a_bad_target_before_building_anything(capsys):
     with pytest.raises(SystemExit) as e:
         budget_sweep.main(["--target", "1.5", "--models", "torchvision:resnet50"])
     assert e.value.code == 2 and "--target-flops 1.5 is outside (0, 1]" in capsys.readouterr().err
+
+
+def test_zoo_hf_worker_builds_a_tiny_llama_and_verifies_it(tmp_path):
+    """tools/zoo_hf.py end to end on one type: its subprocess worker builds the tiny config, captures, analyses
+    and verifies; the record carries what the report needs and renders as a verified row."""
+    pytest.importorskip("transformers")
+    import zoo_hf
+
+    rec = zoo_hf.run_one("llama", 0.3, 120, onnx=False)
+    assert rec["status"] == "verified" and rec["why"] == "" and rec["exit"] == 0, rec
+    assert (rec["class"], rec["task"], rec["capture"], rec["input"]) == (
+        "LlamaForCausalLM", "causal-lm", "export", "input_ids 2x16")
+    for change in ("num_hidden_layers=2", "hidden_size=64", "num_key_value_heads=2", "vocab_size=256"):
+        assert change in rec["tiny"], rec["tiny"]
+    assert rec["params"] == rec["params_before"] < 200_000
+    assert rec["verify_ok"] and rec["rel_err"] <= 1e-4 and rec["groups_pruned"] >= 1
+    assert rec["params_after"] == rec["params_predicted"] < rec["params_before"]
+    assert rec["groups"] > rec["prunable_groups"] >= rec["exact_groups"] >= 1 and 0.3 < rec["channel_share"] < 1
+    assert "onnx_ok" not in rec  # --no-onnx
+    broken = {"model": "x", "status": "WRONG", "why": "analyze: KeyError: 'a'", "where": "passes/groups.py:f:1"}
+    text = zoo_hf.render([rec, broken], [], {"cpu": "c", "cores": "2", "os": "o", "python": "3", "torch": "t"},
+                         0.3, 120, [], zoo_hf.kept_diagnosis(""))
+    assert "| llama | LlamaForCausalLM | causal-lm | input_ids 2x16 | export | verified |" in text
+    assert "verified: **1**; WRONG: **1**" in text and "- **x** (" in text and "passes/groups.py:f:1" in text
