@@ -97,7 +97,7 @@ def test_zoo_hf_worker_builds_a_tiny_llama_and_verifies_it(tmp_path):
     assert rec["verify_ok"] and rec["rel_err"] <= 1e-4 and rec["groups_pruned"] >= 1
     assert rec["params_after"] == rec["params_predicted"] < rec["params_before"]
     assert rec["groups"] > rec["prunable_groups"] >= rec["exact_groups"] >= 1 and 0.3 < rec["channel_share"] < 1
-    assert "onnx_ok" not in rec  # --no-onnx
+    assert rec["random_ops"] == 0 and "onnx_ok" not in rec  # deterministic in eval; --no-onnx
     broken = {"model": "x", "status": "WRONG", "why": "analyze: KeyError: 'a'", "where": "passes/groups.py:f:1"}
     text = zoo_hf.render([rec, broken], [], {"cpu": "c", "cores": "2", "os": "o", "python": "3", "torch": "t"},
                          0.3, 120, [], zoo_hf.kept_diagnosis(""))

@@ -13,10 +13,12 @@ onnxruntime. Each model runs in its own subprocess (this module is its own worke
     python tools/zoo_hf.py --models gpt2,llama --out /tmp/zoo_hf.md
     python tools/zoo_hf.py --worker gpt2                            # one model in this process, JSON on stdout
 
-Classes: *verified*; *WRONG* (verify over tolerance or a parameter count other than predicted, or an error
-raised inside ptgraph's trace, analysis or shrink); *not capturable* (torch.export itself refuses the model:
-its capture is rerun without ptgraph to tell the two apart); *not built* (the tiny config cannot be built or
-the model cannot run its own forward on the dummy input); *too large* (after shrinking); *timed out*.
+Classes: *verified*; *WRONG* (verify over tolerance or a parameter count other than predicted, an error
+raised inside ptgraph's trace, analysis or shrink, or random numbers reaching the captured graph's eval output
+where the model's own eval output has none: verify would compare two random draws); *not capturable*
+(torch.export itself refuses the model: its capture is rerun without ptgraph to tell the two apart); *not built*
+(the tiny config cannot be built or the model cannot run its own forward on the dummy input); *too large* (after
+shrinking); *timed out*.
 """
 from __future__ import annotations
 
@@ -165,7 +167,8 @@ def tiny_changes(config: Any, scale: int = 1, shrink_vocab: bool = True, kv_as_d
         for key, value in vars(config).items():
             if isinstance(value, list) and len(value) == layers and real.get(key, key) not in changes:
                 changes[key] = value[:2]
-    width = next((changes[real.get(k, k)] for k in ("hidden_size", "d_model", "n_embd") if real.get(k, k) in changes), None)
+    width = next((changes[real.get(k, k)] for k in ("hidden_size", "d_model", "n_embd")
+                  if real.get(k, k) in changes), None)
     heads = next((changes.get(real.get(k, k), attrs[k]) for k in ("num_attention_heads", "n_head", "n_heads",
                                                                   "encoder_attention_heads")
                   if isinstance(attrs.get(k), int)), None)
@@ -319,7 +322,9 @@ def input_attempts(model: Any, config: Any, task: str, seed: int) -> list[tuple[
     import torch
 
     gen = torch.Generator().manual_seed(seed)
-    if model.main_input_name == "pixel_values" or task == "image-classification":
+    images = model.main_input_name == "pixel_values" or (task == "image-classification"
+                                                          and model.main_input_name != "input_ids")
+    if images:  # ImageGPT classifies images given as ids of colour clusters
         size = _sub(config, "image_size") or IMAGE
         h, w = (size, size) if isinstance(size, int) else tuple(size)[-2:]
         channels = _sub(config, "num_channels") or 3
@@ -492,6 +497,79 @@ def analyse(graph: Any) -> tuple[Any, dict[str, Any]]:
     }
 
 
+RANDOM_OPS = {"rand", "randn", "rand_like", "randn_like", "randint", "randint_like", "bernoulli", "normal",
+              "exponential", "uniform", "multinomial", "randperm"}
+
+
+def random_ops(graph: Any) -> list[str]:
+    """The random-number ops of the captured graph (dropout aside, which follows .eval()): train-mode code
+    baked in by the capture (a stochastic depth), under which shrink vs mask compares two random draws and
+    may pass by chance."""
+    found = []
+    for n in graph.module.graph.nodes:
+        if n.op != "call_function":
+            continue
+        text = str(n.target)
+        aten_op = text.startswith("aten.") and text.count(".") >= 2  # aten.rand.default
+        name = text.split(".")[-2] if aten_op else getattr(n.target, "__name__", "")
+        if name.rstrip("_") in RANDOM_OPS:
+            found.append(name)
+    return found
+
+
+def _output_with_random(module: Any, inputs: tuple, value: float) -> Any:
+    """The eval-mode output with every random-number op's result set to `value` (0 or nearly 1: the two
+    extremes of a drop decision), so whether random numbers reach the output in eval is decided, not sampled."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from ptgraph.passes.verify import flat_output
+
+    class Fixed(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__.rstrip("_")
+            if name in RANDOM_OPS and isinstance(out, torch.Tensor) and out.is_floating_point():
+                out.fill_(value)
+            return out
+
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad(), Fixed():
+            return flat_output(module(*inputs))
+    finally:
+        module.train(was_training)
+
+
+def random_in_eval(module: Any, inputs: tuple) -> bool:
+    """True when random numbers reach `module`'s eval-mode output (a drop decision baked in by the capture)."""
+    import torch
+
+    try:
+        low, high = _output_with_random(module, inputs, 0.0), _output_with_random(module, inputs, 1 - 1e-6)
+    except Exception:  # noqa: BLE001 - a forward that cannot run this way is judged by verify alone
+        return False
+    return low.shape != high.shape or not torch.equal(low, high)
+
+
+def check_deterministic(rec: dict[str, Any], ops: list[str], graph: Any, inputs: tuple, model_random: bool,
+                        verify_failure: Outcome | None) -> None:
+    """Raises Outcome WRONG when random numbers reach the captured graph's eval-mode output while the model's
+    own eval output (`model_random`, judged before the shrink) is free of them, whatever verify said (it
+    compares two random draws then)."""
+    live = bool(ops) and not model_random and random_in_eval(graph.module, inputs)
+    if not live:
+        if verify_failure is not None:
+            raise verify_failure
+        return
+    kinds = ", ".join(f"{ops.count(k)}x {k}" for k in sorted(set(ops)))
+    note = f"random numbers reach the captured graph's eval output ({kinds}; train-mode code baked in)"
+    if verify_failure is not None:
+        raise Outcome("WRONG", f"{verify_failure.why}; {note}", **verify_failure.extra)
+    raise Outcome("WRONG", f"{note}; verify passed, but compared two random draws (rel err {rec['rel_err']:.1e})")
+
+
 def check_shrink(analysis: Any, inputs: tuple, ratio: float, seed: int) -> dict[str, Any]:
     """verify(): shrink a random `ratio` of every exact group against the mask; raises Outcome WRONG when the
     shrink fails or the shrunk model differs."""
@@ -557,7 +635,17 @@ def worker(model_type: str, ratio: float = 0.3, seed: int = 0, onnx: bool = True
             rec["leaves"] = sorted(graph.leaves)
             analysis, info = analyse(graph)
             rec.update(info)
-            rec.update(check_shrink(analysis, inputs, ratio, seed))
+            rec["random_ops"] = len(ops := random_ops(graph))
+            model_random = bool(ops) and random_in_eval(model, inputs)
+            try:
+                rec.update(check_shrink(analysis, inputs, ratio, seed))
+                failure = None
+            except Outcome as o:
+                if not o.why.startswith("verify:"):  # a crash in the shrink is WRONG as it is
+                    raise
+                failure = o
+                rec.update(o.extra)
+            check_deterministic(rec, ops, graph, inputs, model_random, failure)
             rec.update(status="verified", why="")
             if emit is not None:
                 emit(rec)
@@ -634,6 +722,11 @@ def kept_diagnosis(doc: str) -> str:
     return f"{DIAGNOSIS_BEGIN}\n\n(no diagnosis written yet)\n\n{DIAGNOSIS_END}\n"
 
 
+def _code(text: str) -> str:
+    """Markdown inline code that may itself hold backticks."""
+    return f"`` {text} ``" if "`" in text else f"`{text}`"
+
+
 def _rel(x: float | None) -> str:
     return "-" if x is None else f"{x:.1e}"
 
@@ -668,8 +761,30 @@ def _row(r: dict[str, Any]) -> str:
         size = fmt_int(r.get("params"))
         return head + f"{r.get('capture', '-')} | {status} | - | - | - | {size} | - | - | {cell(_note(r))} |"
     params = f"{fmt_int(r.get('params_before', r.get('params')))} -> {fmt_int(r.get('params_after'))}"
-    return head + (f"{r['capture']} | {status} | {r['groups']} ({r['prunable_groups']}) | {fmt_pct(r['channel_share'])} | "
+    return head + (f"{r['capture']} | {status} | {r['groups']} ({r['prunable_groups']}) | "
+                   f"{fmt_pct(r['channel_share'])} | "
                    f"{_rel(r.get('rel_err'))} | {params} | {_onnx_cell(r)} | {r['trace_s']:.1f} | {cell(_note(r))} |")
+
+
+def frozen_kind(reason: str) -> str:
+    """A frozen reason without its node names (`linear_9: ...`, `... in mul_20`, `('slice_1')`), to tally."""
+    import re
+
+    reason = re.sub(r" \('[^']*'\)$", "", reason.split(" ch frozen: ", 1)[-1])
+    reason = re.sub(r"^[\w.]+: ", "", reason)
+    reason = re.sub(r" in [\w.]+$", "", reason)
+    return reason.replace("torch._ops.", "").replace(".default", "")
+
+
+def frozen_tally(results: list[dict[str, Any]]) -> str:
+    """What holds the share down: the kinds of the verified models' largest frozen reasons, most common first."""
+    counts: dict[str, int] = {}
+    for r in results:
+        if r["status"] == "verified" and r.get("largest_frozen"):
+            kind = frozen_kind(r["largest_frozen"])
+            counts[kind] = counts.get(kind, 0) + 1
+    top = sorted(counts.items(), key=lambda kv: -kv[1])[:8]
+    return "; ".join(f"{kind}: {n}" for kind, n in top) or "-"
 
 
 def summary_lines(results: list[dict[str, Any]], not_reached: list[str]) -> list[str]:
@@ -693,6 +808,8 @@ def summary_lines(results: list[dict[str, Any]], not_reached: list[str]) -> list
         f"- shrunk models exported to ONNX and matching onnxruntime (1e-4): "
         f"**{sum(bool(r.get('onnx_ok')) for r in verified)} / {len(verified)}** verified",
     ]
+    lines.append("- largest frozen reason of the verified models (what holds their share down), by kind: "
+                 + frozen_tally(results))
     if not_reached:
         lines.append("- not reached (sweep stopped by --budget): " + ", ".join(not_reached))
     return lines
@@ -718,8 +835,9 @@ def render(results: list[dict[str, Any]], runs: list[dict[str, Any]], mach: dict
         "already covered, built with random weights from the config class's defaults shrunk generically (no",
         "per-model configs, nothing downloaded): 2 layers, width 64, FFN 128, 4 heads (2 kv heads), vocabulary 256",
         "(special ids moved into it), 128 positions, images 64x64, per-stage width lists divided by a power of two",
-        "(widest stage 64), stages at most 2 blocks, the same in nested sub-configs; widths x4 where the tiniest",
-        f"config does not build or run. Over {MAX_PARAMS / 1e6:.0f}M parameters (counted on the meta device) is",
+        "(widest stage 64), stages at most 2 blocks, latent-attention sizes 16/32, the same in nested sub-configs.",
+        "Where that config does not build or run: the vocabulary kept, then widths x4, then as many kv heads as",
+        f"query heads where the defaults have as many. Over {MAX_PARAMS / 1e6:.0f}M parameters (on the meta device) is",
         "*too large*. Input: the model's `main_input_name`, random token ids (batch 2, length 16, no special",
         "ids; then ending in the eos id, then with an attention mask, whichever the forward first accepts) or one",
         "image of the config's size. Then `ptgraph.trace` (train mode), `analyze_channels`,",
@@ -727,18 +845,21 @@ def render(results: list[dict[str, Any]], runs: list[dict[str, Any]], mach: dict
         f"masked in eval mode, ok at relative error <= {REL_TOLERANCE:.0e} and the predicted parameter count) and",
         "`ptgraph.export.export` of the shrunk graph module, checked in onnxruntime.",
         "",
-        "Classes: *verified*; **WRONG**: verify over tolerance, or an error raised inside ptgraph's trace,",
-        "analysis or shrink (a crash or timeout there is listed with its stage); *not capturable*: torch.export",
+        "Classes: *verified*; **WRONG**: verify over tolerance, an error raised inside ptgraph's trace, analysis",
+        "or shrink (a crash there is listed with its stage), or random numbers that reach the captured graph's",
+        "eval output (every random op's result set to 0, then to 1 - 1e-6, changes it) where the model's own eval",
+        "output stays the same: verify then compares two random draws; *not capturable*: torch.export",
         "itself refuses the model (ptgraph's capture failed and `torch.export.export(model, inputs, strict=False)`",
         "alone fails too; torch's reason); *not built*: the tiny config cannot be built or the model cannot run",
         "its own forward on the dummy input (eval and train mode); *too large*; *timed out*.",
         "",
-        *(f"- command: `{r['command']}` ({r['models']} models), started {r['started']}, {r['wall_s'] / 60:.1f} min; "
-          f"`cat /proc/loadavg` at the start: `{r.get('proc_loadavg', r['load'])}`"
-          + (f"; {r['note']}" if r.get("note") else "") for r in runs),
+        *(f"- command: {_code(r['command'])} ({r['models']} models), started {r['started']}, "
+          f"{r['wall_s'] / 60:.1f} min; "
+          f"`cat /proc/loadavg` at the start: `{r.get('proc_loadavg', r['load'])}`" for r in runs),
         f"- per-model timeout {timeout:.0f} s, one model at a time, each in its own process (OMP_NUM_THREADS=1)",
         f"- machine: {mach['cpu']}, {mach['cores']} cores; {mach['os']}; Python {mach['python']}",
-        f"- torch {mach['torch']}, transformers {mach.get('transformers', '?')}, onnxruntime {mach.get('onnxruntime', '?')}",
+        f"- torch {mach['torch']}, transformers {mach.get('transformers', '?')}, "
+        f"onnxruntime {mach.get('onnxruntime', '?')}",
         "",
         "## Summary",
         "",
@@ -779,7 +900,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float, default=None, help="minutes after which no new model is started; the "
                    "rest is listed as not reached (resume with --raw --reuse)")
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
-    p.add_argument("--note", default=None, help="shown beside this sweep's command in the report (which code it ran)")
+    p.add_argument("--note", default=None, help="kept with this sweep's record and shown in its command in the "
+                   "report (say which code it ran)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
