@@ -43,7 +43,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 ROOT = Path(__file__).resolve().parent.parent
 TRANSFORMER_PREFIXES = ("vit_", "swin_", "maxvit")  # reported apart from the CNNs (the 90% conv target)
@@ -220,6 +220,26 @@ def run_timing(models: list[str], runs: int, ratio: float, timeout: float) -> di
         return {"models": json.loads(proc.stdout), "load": load, "date": date}
     except json.JSONDecodeError:
         return {"error": last_line(proc.stderr) or f"exit code {proc.returncode}"}
+
+
+def chosen_models(models: str | None, known: "Iterable[str]", default: list[str], what: str) -> list[str] | None:
+    """The --models list (`default` when not given); None, after one error line, when it names a model not in `known`."""
+    known = set(known)
+    chosen = [m.strip() for m in models.split(",") if m.strip()] if models else default
+    unknown = [m for m in chosen if m not in known]
+    if unknown:
+        print(f"error: not {what}: {', '.join(unknown)}", file=sys.stderr)
+        return None
+    return chosen
+
+
+def verdict_lines(wrong: list[dict[str, Any]], refused: list[dict[str, Any]], refused_label: str) -> list[str]:
+    """The summary's lines for wrong and refused models, the same in every sweep."""
+    return [
+        f"- wrong (verify over tolerance, or an internal error): **{len(wrong)}**"
+        + (": " + "; ".join(f"{r['model']} ({r.get('why', r['status'])})" for r in wrong) if wrong else ""),
+        f"- {refused_label}: {len(refused)}" + (": " + ", ".join(r["model"] for r in refused) if refused else ""),
+    ]
 
 
 def _now() -> str:
@@ -489,10 +509,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     everything = torchvision_models()
-    chosen = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else everything
-    unknown = [m for m in chosen if m not in everything]
-    if unknown:
-        print(f"error: not torchvision classification models: {', '.join(unknown)}", file=sys.stderr)
+    chosen = chosen_models(args.models, everything, everything, "torchvision classification models")
+    if chosen is None:
         return 2
     raw = Path(args.raw) if args.raw else None
     results, runs, timing, todo = records(args, chosen, everything)

@@ -37,7 +37,7 @@ from typing import Any, Iterator
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from zoo import (REL_TOLERANCE, ROOT, _largest_frozen, cell, fmt_int, fmt_pct, last_line, machine,  # noqa: E402
-                 new_sweep, records, sweep, write_raw)
+                 new_sweep, records, sweep, write_raw, chosen_models)
 
 MAX_PARAMS = 30_000_000  # over this after shrinking: skipped as too large
 RECORD = "zoo_hf record: "  # prefix of the worker's JSON line on stdout (the model may print too)
@@ -911,10 +911,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     everything = [t for t, _, _ in hf_models()]
-    chosen = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else everything
-    unknown = [m for m in chosen if m not in everything]
-    if unknown:
-        print(f"error: not model types of the three mappings: {', '.join(unknown)}", file=sys.stderr)
+    chosen = chosen_models(args.models, everything, everything, "model types of the three mappings")
+    if chosen is None:
         return 2
     raw = Path(args.raw) if args.raw else None
     if raw is not None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from zoo import (CONV_TARGET, REL_TOLERANCE, ROOT, TIMM_BEGIN, TIMM_END, cell, fmt_int, fmt_pct, last_line, machine,
-                 new_sweep, records, run_model, sweep, write_raw)
+                 new_sweep, records, run_model, sweep, verdict_lines, write_raw, chosen_models)
 
 ZOO = Path(__file__).resolve().parent / "zoo.py"  # the subprocesses' entry point
 
@@ -220,10 +220,7 @@ def render_timm(results: list[dict[str, Any]], runs: list[dict[str, Any]], mach:
         "",
         f"- models: {len(results)} from {len(families)} families; verified: **{len(ok)} / {len(results)}** "
         f"(worst relative error {worst:.1e}); of these, {len(frozen)} freeze some channels, each with its reason",
-        f"- wrong (verify over tolerance, or an internal error): **{len(wrong)}**"
-        + (": " + "; ".join(f"{r['model']} ({r.get('why', r['status'])})" for r in wrong) if wrong else ""),
-        f"- not built, not runnable or not traceable by torch (listed with the reason): {len(refused)}"
-        + (": " + ", ".join(r["model"] for r in refused) if refused else ""),
+        *verdict_lines(wrong, refused, "not built, not runnable or not traceable by torch (listed with the reason)"),
         *([f"- timed out (per-model limit, not a verdict): {len(timed_out)}: " + ", ".join(r["model"] for r in timed_out)]
           if timed_out else []),
         f"- CNNs: {len(cnns)}; conv-channel prunable share over {CONV_TARGET:.0%}: **{len(cnn_hit)} / {len(cnns)}**"
@@ -300,15 +297,10 @@ def main_timm(args: argparse.Namespace, argv: list[str] | None) -> int:
     sizes = timm_sizes(Path(args.sizes), args.timeout * 20)
     families = timm_families(sizes)
     family_of = {m: f for m, f in families}
-    if args.models:
-        chosen = [m.strip() for m in args.models.split(",") if m.strip()]
-        unknown = [m for m in chosen if m not in sizes]
-        if unknown:
-            print(f"error: not timm models: {', '.join(unknown)}", file=sys.stderr)
-            return 2
-        family_of.update({m: sizes[m][0] for m in chosen if m not in family_of})
-    else:
-        chosen = [m for m, _ in families]
+    chosen = chosen_models(args.models, sizes, [m for m, _ in families], "timm models")
+    if chosen is None:
+        return 2
+    family_of.update({m: sizes[m][0] for m in chosen if m not in family_of})
     raw = Path(args.raw) if args.raw else None
     results, runs, _, todo = records(args, chosen, chosen)
     mach = machine()
