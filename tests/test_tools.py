@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 
@@ -103,3 +104,29 @@ def test_zoo_hf_worker_builds_a_tiny_llama_and_verifies_it(tmp_path):
                          0.3, 120, [], zoo_hf.kept_diagnosis(""))
     assert "| llama | LlamaForCausalLM | causal-lm | input_ids 2x16 | export | verified |" in text
     assert "verified: **1**; WRONG: **1**" in text and "- **x** (" in text and "passes/groups.py:f:1" in text
+
+
+def test_cifar_table_baselines_match_the_prunetrain_runs_training_flops(tmp_path, capsys):
+    argv = ["--models", "toy_models:small_resnet", "--data", "synthetic:easy", "--epochs", "2", "--steps-per-epoch", "6",
+            "--batch-size", "16", "--target-flops", "0.5", "--time-steps", "1", "--out", str(tmp_path)]
+    assert cifar_table.main(argv + ["--modes", "scratch"]) == 2  # no PruneTrain run to match yet
+    assert "add prunetrain to --modes" in capsys.readouterr().out
+    assert cifar_table.main(argv + ["--modes", "prunetrain,scratch,short"]) == 0
+    rows = {r["run"]: r for r in json.loads((tmp_path / "table.json").read_text())["equal_training_flops"]}
+    assert set(rows) == {"prunetrain", "scratch", "short"}
+    pt, scratch, short = rows["prunetrain"], rows["scratch"], rows["short"]
+    assert short["steps_per_epoch"] < 6 < scratch["steps_per_epoch"]  # the dense model costs more a step, the final one less
+    for r in (scratch, short):  # within half a step an epoch (2 epochs) of the PruneTrain run's training FLOPs
+        step_flops = 3 * r["flops"] * 16
+        assert abs(r["train_flops"] - pt["train_flops"]) <= 0.5 * step_flops * 2
+    assert scratch["flops"] == pt["flops"] and short["flops"] == pt["dense_flops"]
+    # the final architecture, freshly initialised: the run's widths, not its weights
+    pruned, _ = cifar_table.checkpoint.rebuild(cifar_table.checkpoint.load(tmp_path / "small_resnet-prunetrain-t0.5"))
+    fresh = cifar_table.final_architecture(str(tmp_path / "small_resnet-prunetrain-t0.5" / "checkpoint.pt"))
+    shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}  # noqa: E731
+    assert shapes(fresh) == shapes(pruned)
+    assert not torch.equal(fresh.state_dict()["stem.0.weight"], pruned.state_dict()["stem.0.weight"])
+    text = (tmp_path / "table.md").read_text()
+    assert "| final architecture from scratch |" in text and "| dense, shorter schedule |" in text
+    assert cifar_table.main(argv + ["--modes", "scratch,short"]) == 0  # finished baselines are reused
+    assert capsys.readouterr().out.count("reusing") == 2

@@ -8,11 +8,22 @@ the final models' training-step time measured side by side.
 Several FLOPs targets (or penalty ratios, the paper's method) give several PruneTrain runs, one
 table row each, against one dense run: the accuracy/FLOPs trade-off. Runs land in OUT/<model>-dense,
 OUT/<model>-prunetrain-t<target> and OUT/<model>-prunetrain-p<ratio>. A finished run (summary.json
-present) is reused; an interrupted one resumes from its checkpoint, so the table can be built across
-sessions:
+present) is reused; an interrupted one resumes from its checkpoint, so the table can be built over
+several invocations:
 
     python tools/cifar_table.py --models ptgraph:resnet20 --epochs 10 --steps-per-epoch 195 \\
         --target-flops 0.5,0.3 --out runs/cifar_cpu
+
+Two baselines at the same training FLOPs as each PruneTrain run (`--modes scratch,short`, after or
+beside `prunetrain`; they read the PruneTrain run's folder):
+
+- `scratch`: the run's final architecture (its widths, from checkpoint.pt's plans) with a fresh
+  initialisation, trained dense (OUT/<model>-scratch-t<target>);
+- `short`: the dense model on a shorter schedule (OUT/<model>-short-t<target>).
+
+Both keep the number of epochs and change the steps per epoch, so the learning-rate shape (milestones
+at 50%/75% of the epochs, or the cosine) is the PruneTrain run's, compressed or stretched, and the
+training FLOPs match the PruneTrain run's to within one step per epoch.
 """
 from __future__ import annotations
 
@@ -25,10 +36,12 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from bench_step import step_timer
+from ptgraph.cost import TRAIN_STEP_FACTOR
 from ptgraph.errors import UserError
-from ptgraph.specs import parse_spec
+from ptgraph.specs import build_model, parse_spec
 from ptgraph.trainers import checkpoint
 from ptgraph.trainers.budget import ALLOCATIONS, DEFAULT_PRUNE_UNTIL
 from ptgraph.trainers.config import TrainConfig
@@ -37,6 +50,60 @@ from ptgraph.trainers.loop import logits, train
 
 DEFAULT_DATA = "cifar10-npz:../shared/data/cifar10-jpeg.npz"
 PAPER = {"resnet32": "paper (182 epochs): 53% fewer training FLOPs, 66% fewer inference FLOPs, 91.8% top-1"}
+
+
+BASELINES = {"scratch": "final architecture from scratch", "short": "dense, shorter schedule"}
+
+
+def final_architecture(checkpoint: str) -> nn.Module:
+    """The final architecture of a PruneTrain run, freshly initialised: a model spec's callable
+    (`cifar_table:final_architecture?checkpoint=RUN/checkpoint.pt`), so that the product's loop trains it.
+
+    The run's model is built from its spec with the caller's random state (the loop seeds it with
+    --seed), traced, and shrunk by the run's plans, which slices that fresh model; then every weight
+    whose initial scale depends on the widths is drawn again at the pruned widths: convolutions
+    Kaiming-normal over their fan-out (the initialisation of ptgraph's CIFAR ResNets and torchvision's
+    MobileNetV2), norms reset to ones and zeros. Linear layers keep the constructor's draw, sliced.
+    """
+    from ptgraph.graph import trace
+    from ptgraph.inputs import make_inputs
+    from ptgraph.passes import PrunePlan, analyze_channels, shrink
+
+    payload = checkpoint_payload(checkpoint)
+    model = build_model(payload["spec"]).train()
+    graph = trace(model, make_inputs(model, tuple(payload["input_shape"]), payload.get("input_dtype", "float")))
+    analysis = analyze_channels(graph)
+    for plan in payload["plans"]:
+        shrink(analysis, PrunePlan.from_json(plan))
+    for m in graph.module.modules():
+        if isinstance(m, nn.modules.conv._ConvNd):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.modules.batchnorm._NormBase):
+            m.reset_parameters()
+    return graph.module.train()
+
+
+def checkpoint_payload(path: str | Path) -> dict:
+    return checkpoint.load(Path(path))
+
+
+def matched_steps(pruned_dir: Path, mode: str) -> tuple[int, dict]:
+    """Steps per epoch for a baseline with the PruneTrain run's training FLOPs, same epochs and batch.
+
+    The PruneTrain run spent T = sum over its steps of 3 x FLOPs/img x batch; a baseline whose model has
+    F FLOPs/img (the dense model's, or the run's final ones) matches it with T / (3 F batch epochs) steps
+    an epoch."""
+    payload = checkpoint_payload(pruned_dir / "checkpoint.pt")
+    cfg = payload["config"]
+    if payload["epoch"] < cfg["epochs"]:
+        raise UserError(f"the PruneTrain run {pruned_dir} stopped at epoch {payload['epoch']} of {cfg['epochs']}; "
+                        f"finish it (--modes prunetrain) before its baselines")
+    summary = json.loads((pruned_dir / "summary.json").read_text())
+    flops = summary["dense_flops"] if mode == "short" else summary["flops"]
+    steps = round(payload["train_flops"] / (TRAIN_STEP_FACTOR * flops * payload["batch"] * cfg["epochs"]))
+    return max(1, steps), {"train_flops": payload["train_flops"], "dense_train_flops": payload["dense_train_flops"]}
 
 
 def epoch_seconds(run_dir: Path) -> list[float]:
@@ -55,15 +122,18 @@ def run_one(cfg: TrainConfig, run_dir: Path) -> dict:
     seconds = epoch_seconds(run_dir)
     summary["train_seconds"] = sum(seconds)
     summary["median_epoch_seconds"] = statistics.median(seconds)
+    records = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    summary["train_flops"] = [r for r in records if r.get("kind") == "epoch"][-1]["train_flops"]  # absolute, all steps
     done.write_text(json.dumps(summary, indent=1))
     return summary
 
 
-def run_folder(name: str, ratio: float | None, target_flops: float | None = None) -> str:
-    """A run's folder under --out: `<model>-dense`, `<model>-prunetrain-t<target>` or `<model>-prunetrain-p<ratio>`."""
+def run_folder(name: str, ratio: float | None, target_flops: float | None = None, mode: str = "prunetrain") -> str:
+    """A run's folder under --out: `<model>-dense`, `<model>-prunetrain-t<target>` or `<model>-prunetrain-p<ratio>`;
+    a baseline of a PruneTrain run: `<model>-scratch-t<target>`, `<model>-short-t<target>`."""
     if ratio is None and target_flops is None:
         return f"{name}-dense"
-    return f"{name}-prunetrain-" + (f"p{ratio:g}" if ratio is not None else f"t{target_flops:g}")
+    return f"{name}-{mode}-" + (f"p{ratio:g}" if ratio is not None else f"t{target_flops:g}")
 
 
 def final_step_times(run_dirs: dict, batch: int, steps: int, device: str, rounds: int = 3) -> dict:
@@ -134,6 +204,47 @@ def markdown(rows: list[dict], schedule: str, machine: str) -> str:
     return "\n".join(out + ([""] + [f"For reference, {n}." for n in notes] if notes else [])) + "\n"
 
 
+def baseline_rows(spec: str, knob_key: tuple, results: dict, step: dict) -> list[dict]:
+    """One row per run at one PruneTrain run's training FLOPs: PruneTrain, its baselines, and dense (full) if run."""
+    pruned = results[("prunetrain", *knob_key)]
+    dense = results.get(("dense", None, None))
+    rows = []
+    for mode in ("prunetrain", "scratch", "short", "dense"):
+        key = (mode, None, None) if mode == "dense" else (mode, *knob_key)
+        if key not in results:
+            continue
+        r = results[key]
+        rows.append({
+            "model": spec, "penalty_ratio": pruned.get("penalty_ratio"), "target_flops": pruned.get("target_flops"),
+            "run": mode, "val_acc": r["val_acc"], "flops": r["flops"], "dense_flops": pruned["dense_flops"],
+            "params": r["params"], "train_flops": r.get("train_flops"), "pt_train_flops": pruned.get("train_flops"),
+            "steps_per_epoch": r.get("steps_per_epoch"), "epochs": r["epochs"],
+            "dense_acc": dense["val_acc"] if dense else None,
+            "step_time_share": step[key] / step[("dense", None, None)] if step and ("dense", None, None) in step
+            else (step[key] / step[("prunetrain", *knob_key)] if step else None),
+            "step_time_of": "dense" if step and ("dense", None, None) in step else "prunetrain",
+        })
+    return rows
+
+
+RUN_NAMES = {"prunetrain": "PruneTrain", "dense": "dense, full schedule", **BASELINES}
+
+
+def baseline_markdown(rows: list[dict], machine: str) -> str:
+    out = [f"At equal training FLOPs. Machine: {machine}.", "",
+           "| model | FLOPs target (or penalty ratio) | run | steps an epoch | top-1 | top-1 minus PruneTrain's "
+           "| training FLOPs (of PruneTrain's) | inference FLOPs/img (of dense) | params | final model's step time |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        pt = next(x for x in rows if x["model"] == r["model"] and knob(x) == knob(r) and x["run"] == "prunetrain")
+        share = "-" if r["train_flops"] is None or not pt["train_flops"] else f"{r['train_flops'] / pt['train_flops']:.1%}"
+        step = "-" if r.get("step_time_share") is None else f"{r['step_time_share']:.1%} of {r['step_time_of']}'s"
+        out.append(f"| {r['model']} | {knob(r)} | {RUN_NAMES[r['run']]} | {r['steps_per_epoch'] or '-'} | {r['val_acc']:.2%} "
+                   f"| {(r['val_acc'] - pt['val_acc']) * 100:+.2f} | {share} "
+                   f"| {r['flops'] / 1e6:.1f}M ({r['flops'] / r['dense_flops']:.1%}) | {r['params'] / 1e6:.3f}M | {step} |")
+    return "\n".join(out) + "\n"
+
+
 def machine_line(device: str) -> str:
     if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
         name = torch.cuda.get_device_name()
@@ -171,11 +282,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--time-steps", type=int, default=10,
                    help="time this many training steps of every final model, interleaved (0: skip)")
-    p.add_argument("--modes", default="dense,prunetrain", help="which runs to make (one alone: for running them in parallel)")
+    p.add_argument("--modes", default="dense,prunetrain",
+                   help="which runs to make, in this order: dense, prunetrain, scratch (the PruneTrain run's final "
+                        "architecture from scratch), short (dense on a shorter schedule); the last two at the "
+                        "PruneTrain run's training FLOPs, after it (one mode alone: for running them in parallel)")
     p.add_argument("--out", default="runs/cifar_table")
     args = p.parse_args(argv)
-    if not set(args.modes.split(",")) <= {"dense", "prunetrain"}:
-        print(f"error: --modes takes dense and/or prunetrain, not {args.modes}")
+    modes = args.modes.split(",")
+    if not set(modes) <= {"dense", "prunetrain", *BASELINES}:
+        print(f"error: --modes takes dense, prunetrain, scratch and/or short, not {args.modes}")
         return 2
     try:
         knobs = [(float(r), None) for r in args.penalty_ratio.split(",") if r] + \
@@ -191,43 +306,71 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, extra = [], []
     for spec in args.models.split(","):
         cfg = TrainConfig(model=spec, data=args.data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                           schedule=args.schedule, threshold=args.threshold, round_to=args.round_to,
                           prox_every=args.prox_every, steps_per_epoch=args.steps_per_epoch,
                           device=args.device, workers=args.workers, seed=args.seed, tensorboard=False)
         name = parse_spec(spec).name
-        configs = {(None, None): dataclasses.replace(cfg, dense=True)} if "dense" in args.modes else {}
-        if "prunetrain" in args.modes:
-            for ratio, target in knobs:
-                configs[ratio, target] = dataclasses.replace(
-                    cfg, penalty_ratio=ratio, target_flops=target,
-                    reconfig_every=args.reconfig_every if ratio is not None else None,
-                    **({} if ratio is not None else dict(prune_until=args.prune_until, reconfigurations=args.reconfigurations,
-                                                         prune_schedule=args.prune_schedule,
-                                                         compute_aware=args.compute_aware,
-                                                         allocation=args.allocation)))
-        folders = {key: out / run_folder(name, *key) for key in configs}
+        configs = {("dense", None, None): dataclasses.replace(cfg, dense=True)} if "dense" in modes else {}
+        pruned_configs = {}
+        for ratio, target in knobs:
+            pruned_configs[ratio, target] = dataclasses.replace(
+                cfg, penalty_ratio=ratio, target_flops=target,
+                reconfig_every=args.reconfig_every if ratio is not None else None,
+                **({} if ratio is not None else dict(prune_until=args.prune_until, reconfigurations=args.reconfigurations,
+                                                     prune_schedule=args.prune_schedule,
+                                                     compute_aware=args.compute_aware,
+                                                     allocation=args.allocation)))
+        if "prunetrain" in modes:
+            configs.update({("prunetrain", *key): c for key, c in pruned_configs.items()})
+        baselines = [m for m in modes if m in BASELINES]
+        folders = {key: out / run_folder(name, *key[1:], mode=key[0]) for key in configs}
         try:  # the configs first, so that a bad flag costs no training; the data and model are read by the first run
             for c in configs.values():
                 c.check()
             results = {key: run_one(dataclasses.replace(c, run_dir=str(folders[key])), folders[key])
                        for key, c in configs.items()}
+            for key in pruned_configs if baselines else ():
+                pruned_dir = out / run_folder(name, *key)
+                if ("prunetrain", *key) not in results:  # made by an earlier invocation
+                    if not (pruned_dir / "summary.json").exists():
+                        raise UserError(f"no finished PruneTrain run in {pruned_dir}; add prunetrain to --modes")
+                    results["prunetrain", *key] = json.loads((pruned_dir / "summary.json").read_text())
+                    folders["prunetrain", *key] = pruned_dir
+                for mode in baselines:
+                    steps, _ = matched_steps(pruned_dir, mode)
+                    model = spec if mode == "short" else \
+                        f"cifar_table:final_architecture?checkpoint={pruned_dir / 'checkpoint.pt'}"
+                    folder = out / run_folder(name, *key, mode=mode)
+                    base = dataclasses.replace(cfg, model=model, dense=True, steps_per_epoch=steps, run_dir=str(folder))
+                    results[mode, *key] = {**run_one(base, folder), "steps_per_epoch": steps}
+                    folders[mode, *key] = folder
         except UserError as e:
             print(f"error: {e}")
             return 2
-        if (None, None) not in results or len(results) < 2:
-            continue
         step = {}
-        if args.time_steps:
+        if args.time_steps and len(results) > 1:
             step = final_step_times(folders, args.batch_size, args.time_steps, args.device)
-        rows += [row(spec, results[None, None], results[key], step[key] / step[None, None] if step else None)
-                 for key in results if key != (None, None)]
-        table = markdown(rows, schedule_text(cfg, args), machine_line(args.device))
-        (out / "table.md").write_text(table)
-        (out / "table.json").write_text(json.dumps({"schedule": schedule_text(cfg, args), "rows": rows}, indent=1))
-    if rows:
+        for key in pruned_configs:
+            if ("prunetrain", *key) not in results:
+                continue
+            results["prunetrain", *key].setdefault("steps_per_epoch", args.steps_per_epoch)
+            if ("dense", None, None) in results:
+                results["dense", None, None].setdefault("steps_per_epoch", args.steps_per_epoch)
+                rows.append(row(spec, results["dense", None, None], results["prunetrain", *key],
+                                step[("prunetrain", *key)] / step["dense", None, None] if step else None))
+            if baselines:
+                extra += baseline_rows(spec, key, results, step)
+        machine = machine_line(args.device)
+        table = (markdown(rows, schedule_text(cfg, args), machine) if rows else "") + \
+                ("\n" + baseline_markdown(extra, machine) if extra else "")
+        if table:
+            (out / "table.md").write_text(table)
+            (out / "table.json").write_text(json.dumps({"schedule": schedule_text(cfg, args), "rows": rows,
+                                                        "equal_training_flops": extra}, indent=1))
+    if rows or extra:
         print(table)
     return 0
 
