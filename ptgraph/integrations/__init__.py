@@ -1,0 +1,1 @@
+"""Thin adapters from PruneTrain to the training stacks people already use (each imports its framework lazily)."""
