@@ -237,82 +237,99 @@ def _train_parser(sub) -> None:
     from ptgraph.trainers.budget import ALLOCATIONS
 
     p = sub.add_parser("prune-train", help="train from scratch with group lasso, shrinking the model as it trains",
-                       formatter_class=_Defaults)
-    p.add_argument("--model", default=None, help="model spec: torchvision:NAME, ptgraph:resnet32, timm:NAME, module:callable")
-    p.add_argument("--data", default="synthetic",
+                       formatter_class=_Defaults,
+                       description="Train a model from scratch with PruneTrain: a group lasso drives whole channels "
+                                   "to zero and the model is shrunk in place as it trains (by default to half its "
+                                   "forward FLOPs by 30% of the steps). docs/USER_GUIDE.md explains every flag.")
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default=None, help="model spec: torchvision:NAME, ptgraph:resnet32, timm:NAME, module:callable")
+    g.add_argument("--data", default="synthetic",
                    help="synthetic[:easy], cifar10:PATH, cifar100:PATH, cifar10-npz:PATH, imagenet:PATH, "
                         "tokens:PATH (nanoGPT's PATH/train.bin and val.bin, uint16) or tokens:synthetic")
-    p.add_argument("--download", action="store_true", help="download CIFAR into its PATH if missing")
-    p.add_argument("--epochs", type=int, default=None, help="epochs (default: 182 CIFAR, 90 ImageNet, 8 synthetic)")
-    p.add_argument("--batch-size", type=int, default=None, help="mini-batch (default: 128 CIFAR, 256 ImageNet, 64 synthetic)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default: 0.1 x batch/128 CIFAR, /256 ImageNet)")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    p.add_argument("--weight-decay", type=float, default=None, help="weight decay (default: 5e-4 CIFAR, 1e-4 ImageNet)")
-    p.add_argument("--schedule", choices=("step", "cosine"), default="step",
-                   help="step: x0.1 at 50/75%% of epochs (CIFAR) or 45/67/90%% (ImageNet); cosine")
-    p.add_argument("--target-flops", type=float, default=None,
+    g.add_argument("--download", action="store_true", help="download CIFAR into its PATH if missing")
+    g.add_argument("--block-size", type=int, default=None,
+                   help="token data: tokens per training and validation block (default: the model's block_size, else 128)")
+    g.add_argument("--epochs", type=int, default=None, help="epochs (default: 182 CIFAR, 90 ImageNet, 8 synthetic)")
+    g.add_argument("--steps-per-epoch", type=int, default=None, help="cap on steps per epoch, for short runs (default: no cap)")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="mini-batch per process (default: 128 CIFAR, 256 ImageNet, 64 synthetic)")
+    g.add_argument("--lr", type=float, default=None, help="learning rate (default: 0.1 x batch/128 CIFAR, /256 ImageNet)")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    g.add_argument("--weight-decay", type=float, default=None, help="weight decay (default: 5e-4 CIFAR, 1e-4 ImageNet)")
+    g.add_argument("--schedule", choices=("step", "cosine"), default="step",
+                   help="learning rate: step is x0.1 at 50/75%% of the epochs (CIFAR) or 45/67/90%% (ImageNet); "
+                        "cosine decays it per epoch towards 0")
+    g.add_argument("--seed", type=int, default=0, help="random seed: initialisation and data order")
+
+    g = p.add_argument_group("budget", "prune to a share of the dense FLOPs (the default)")
+    g.add_argument("--target-flops", type=float, default=None,
                    help="end with this share of the dense forward FLOPs, reached gradually by --prune-until; the lasso "
                         "strength is steered there (default: 0.5, unless --penalty-ratio is given)")
-    p.add_argument("--prune-until", type=float, default=None,
+    g.add_argument("--prune-until", type=float, default=None,
                    help="share of the training steps by which the target is reached; the rest trains the smaller "
                         "network plainly (default: 0.3)")
-    p.add_argument("--prune-schedule", choices=("cubic", "linear"), default=None,
+    g.add_argument("--prune-schedule", choices=("cubic", "linear"), default=None,
                    help="FLOPs from dense to the target: cubic cuts most early, linear evenly (default: cubic)")
-    p.add_argument("--reconfigurations", type=int, default=None,
+    g.add_argument("--reconfigurations", type=int, default=None,
                    help="shrinks on the way to the target (default: 8)")
-    p.add_argument("--compute-aware", action=argparse.BooleanOptionalAction, default=None,
-                   help="with a target: press and cut first the channels with the least norm per FLOP they cost "
-                        "across groups (implies --allocation global; against global by norm: MobileNetV2 +4.5 points, "
-                        "ResNet-20 -4 on CIFAR-10; default: off)")
-    p.add_argument("--allocation", choices=ALLOCATIONS, default=None,
-                   help="with a target: how each cut is spread over the channel groups: uniform (every group keeps "
-                        "the same share of its channels, its smallest norms going first), global (one ranking of "
-                        "norms relative to their group; over two seeds on CIFAR-10 4.5 points worse on MobileNetV2, "
-                        "0.8 better on ResNet-20) or sensitivity (uniform, tilted towards the groups whose next "
-                        "channels change the output least per FLOP, measured on a training batch at every "
-                        "reconfiguration; experimental) (default: uniform; global with --compute-aware)")
-    p.add_argument("--penalty-ratio", type=float, default=None,
-                   help="the paper's method instead of a target: lambda fixed so that the lasso is this share of the "
-                        "first loss (e.g. 0.2 for 182 CIFAR epochs; how much it removes depends on model and schedule)")
-    p.add_argument("--threshold", type=float, default=1e-4, help="channels with a group norm under this are removed")
-    p.add_argument("--lasso", choices=("proximal", "subgradient"), default="proximal",
-                   help="proximal: group soft-thresholding after each step (exact zeros); subgradient: penalty in the "
-                        "loss (with --penalty-ratio only)")
-    p.add_argument("--prox-every", type=int, default=1,
-                   help="proximal thresholding every N steps, with N steps' strength (fewer kernels on GPUs)")
-    p.add_argument("--reconfig-every", type=int, default=None,
+    g.add_argument("--allocation", choices=ALLOCATIONS, default=None,
+                   help="how each cut is spread over the channel groups: uniform (every group keeps the same share of "
+                        "its channels, its smallest norms going first), global (one ranking of norms relative to "
+                        "their group's, never more than the target's share of a group) or sensitivity (uniform, "
+                        "tilted towards the groups whose next channels change the output least per FLOP, measured "
+                        "on a training batch at every reconfiguration) (default: uniform; global with --compute-aware)")
+    g.add_argument("--compute-aware", action=argparse.BooleanOptionalAction, default=None,
+                   help="rank channels by norm per FLOP they cost, so that costly channels go first (implies "
+                        "--allocation global; default: off)")
+    g.add_argument("--round-to", type=int, default=None,
+                   help="keep a multiple of this many channels per group (default: 8 on CUDA, for tensor cores; 1 on the CPU)")
+    g.add_argument("--threshold", type=float, default=1e-4, help="channels with a group norm under this are removed")
+    g.add_argument("--exact-only", action="store_true",
+                   help="prune only groups whose removal is exact (not streams normalised by LayerNorm)")
+    g.add_argument("--dense", action="store_true", help="train without lasso or shrinking: the baseline")
+
+    g = p.add_argument_group("the paper's method", "a fixed penalty ratio instead of a FLOPs target")
+    g.add_argument("--penalty-ratio", type=float, default=None,
+                   help="lambda fixed at the first step so that the lasso is this share of the loss (the paper: 0.2 "
+                        "for 182 CIFAR epochs); how much it removes depends on the model and the schedule")
+    g.add_argument("--reconfig-every", type=int, default=None,
                    help="epochs between reconfigurations (default: 10 with --penalty-ratio; with a target, "
                         "--reconfigurations spread over the schedule)")
-    p.add_argument("--reconfig-steps", type=int, default=None, help="steps between reconfigurations, overriding --reconfig-every (default: off)")
-    p.add_argument("--steps-per-epoch", type=int, default=None, help="cap on steps per epoch, for short runs (default: no cap)")
-    p.add_argument("--block-size", type=int, default=None,
-                   help="token data: tokens per training and validation block (default: the model's block_size, else 128)")
-    p.add_argument("--round-to", type=int, default=None,
-                   help="keep a multiple of this many channels per group (default: 8 on CUDA, for tensor cores; 1 on the CPU)")
-    p.add_argument("--exact-only", action="store_true", help="prune only groups whose removal is exact (not LayerNorm'd streams)")
-    p.add_argument("--dynamic-batch", action="store_true", help="grow the batch as shrinking frees memory, LR scaled")
-    p.add_argument("--max-batch", type=int, default=None, help="cap for --dynamic-batch (default: 4x --batch-size)")
-    p.add_argument("--dense", action="store_true", help="train without lasso or shrinking: the baseline")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (recompiled after each shrink)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
+    g.add_argument("--reconfig-steps", type=int, default=None,
+                   help="steps between reconfigurations, overriding --reconfig-every (default: off)")
+    g.add_argument("--lasso", choices=("proximal", "subgradient"), default="proximal",
+                   help="proximal: group soft-thresholding after each step (exact zeros); subgradient: the penalty in "
+                        "the loss, as in the paper (with --penalty-ratio only)")
+
+    g = p.add_argument_group("performance")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
                    help="mixed precision on CUDA: auto picks bf16 where supported, else fp16")
-    p.add_argument("--workers", type=int, default=None, help="data loader workers (default: 4 on CUDA, 0 on CPU)")
-    p.add_argument("--data-on-device", choices=("auto", "on", "off"), default="auto",
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (recompiled after each shrink)")
+    g.add_argument("--workers", type=int, default=None, help="data loader workers (default: 4 on CUDA, 0 on CPU)")
+    g.add_argument("--data-on-device", choices=("auto", "on", "off"), default="auto",
                    help="decode the data set once and keep it on the device, augmenting there (auto: on CUDA, for "
                         "CIFAR and synthetic data)")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--run-dir", default=None, help="where metrics, report and checkpoint go (default: runs/MODEL-DATE)")
-    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR exactly where it stopped")
-    p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", help="do not write TensorBoard events")
-    p.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
+    g.add_argument("--prox-every", type=int, default=1,
+                   help="proximal thresholding every N steps, with N steps' strength (fewer kernels on GPUs)")
+    g.add_argument("--dynamic-batch", action="store_true",
+                   help="grow the batch as shrinking frees memory, the learning rate scaled with it")
+    g.add_argument("--max-batch", type=int, default=None, help="cap for --dynamic-batch (default: 4x --batch-size)")
+
+    g = p.add_argument_group("distributed")
+    g.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
                    help="train with N processes on this machine (one per GPU): relaunches this command under torchrun")
-    p.add_argument("--no-scale-lr", dest="scale_lr", action="store_false",
+    g.add_argument("--no-scale-lr", dest="scale_lr", action="store_false",
                    help="with several processes, keep --lr as given instead of multiplying it by their number")
-    p.add_argument("--sync-bn", action="store_true", help="with several GPUs, BatchNorm statistics over the global batch")
-    p.add_argument("--dist-timeout", type=float, default=300.0, metavar="SECONDS",
+    g.add_argument("--sync-bn", action="store_true", help="with several GPUs, BatchNorm statistics over the global batch")
+    g.add_argument("--dist-timeout", type=float, default=300.0, metavar="SECONDS",
                    help="how long a process waits for a stalled or dead peer before the run stops")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--run-dir", default=None, help="where metrics, report and checkpoint go (default: runs/MODEL-DATE)")
+    g.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR exactly where it stopped")
+    g.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", help="do not write TensorBoard events")
+    g.add_argument("--debug", action="store_true", help="show full tracebacks")
     p.set_defaults(run=cmd_prune_train)
 
 
