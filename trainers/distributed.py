@@ -247,6 +247,16 @@ class Dist:
         self.backend = None
 
 
+def current(device: torch.device | None = None) -> Dist:
+    """The process group someone else initialised (torchrun with the user's own loop, Lightning's ddp
+    strategy) as a Dist, so that the PruneTrain object agrees across ranks as the CLI's loop does; a world
+    of one without one. `device`: where `sum` puts its tensor (the model's, for NCCL)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return Dist(device=device)
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), device,
+                dist.get_backend())
+
+
 def resume_hint(checkpoint: Path | None, main: bool = True) -> str:
     """Where to resume from; a rank other than 0 may not see rank 0's disk (another machine)."""
     if checkpoint is not None and checkpoint.exists():

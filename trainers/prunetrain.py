@@ -29,6 +29,7 @@ from ptgraph.passes import ChannelAnalysis, PrunePlan, ShrinkReport, analyze_cha
 from ptgraph.passes.verify import failing_groups, tolerance_for
 from ptgraph.trainers.allocation import relative_norms, uniform_order
 from ptgraph.trainers.budget import DEFAULT_PRUNE_UNTIL, FlopsSchedule, LassoController, check_budget, interval_steps, resolve_allocation
+from ptgraph.trainers.distributed import Dist, current
 from ptgraph.trainers.lasso import ChannelIndex, build_index, channel_sq_norms, group_lasso, proximal_step
 from ptgraph.trainers.planning import channel_cost, cost_scores, deepest, flops_after, norm_cuts, threshold_plan, uniform_plan
 from ptgraph.trainers.sensitivity import as_inputs, measured_tilts
@@ -185,7 +186,7 @@ class PruneTrain:
     def penalty(self, task_loss: torch.Tensor) -> torch.Tensor:
         """lambda * group lasso to add to the loss (zero in proximal mode); sets lambda at the first call."""
         if self.lam is None:
-            self.lam = self.calibrate(float(task_loss.detach()))
+            self.lam = self._first_lambda(float(task_loss.detach()))
         if self.proximal or self.lam == 0:
             return task_loss.new_zeros(())
         return self.lam * self.lasso()
@@ -196,7 +197,7 @@ class PruneTrain:
         launch-bound, and the thresholding is a few kernels per layer)."""
         self.steps += 1
         if self.lam is None and self.schedule is not None:
-            self.lam = self.calibrate(0.0)
+            self.lam = self._first_lambda(0.0)
         if self.proximal and self.lam:
             self._pending += self.optimizer.param_groups[0]["lr"] * self.lam
             if self.steps % self.prox_every == 0:
@@ -390,10 +391,33 @@ class PruneTrain:
         self._set_weights(state["weights"])
         self.controller.load_state_dict(state)
 
+    def _world(self) -> Dist:
+        """The process group torchrun or Lightning initialised, if any: plans and the lasso's strength are then
+        decided on rank 0 and broadcast, so every rank shrinks alike (float noise could tip a threshold)."""
+        return current(next(self.model.parameters()).device)
+
+    def _first_lambda(self, task_loss: float) -> float:
+        """`calibrate`; across ranks, from the mean loss, decided on rank 0 (with its lasso weights) for all."""
+        world = self._world()
+        if not world.active:
+            return self.calibrate(task_loss)
+        (mean,) = world.sum(task_loss / world.world)
+        if world.main:
+            self.lam = self.calibrate(mean)
+        self.load_budget_state(world.broadcast_object(self.budget_state()))
+        return self.lam
+
     def reconfigure(self, plan: PrunePlan | None = None) -> Reconfiguration | None:
         """Remove the channels under the threshold from model and optimizer, in place; None if none are.
-        A plan passed in (a replay, or rank 0's under torchrun) is applied as it is, without steering."""
+        A plan passed in (a replay, or rank 0's under torchrun) is applied as it is, without steering.
+        Without one, under an initialised process group, rank 0 plans and every rank applies its plan: the
+        same Reconfiguration (or None) on every rank tells the loop to rebuild DDP and recompile."""
         start = time.perf_counter()
+        world = self._world() if plan is None else None
+        if world is not None and world.active:
+            if not world.main:
+                self.flush()  # what rank 0's planning does first
+            plan = world.broadcast_plan(self.plan() if world.main else None)
         plan = plan if plan is not None else self.plan()
         before = self.flops
         r = None
@@ -405,4 +429,6 @@ class PruneTrain:
             r = Reconfiguration(self.steps, plan, report, before, self.flops, time.perf_counter() - start)
         if self._feedback is not None:
             self._steer()
+        if world is not None and world.active:  # rank 0 checked and steered: its lambda, gain, weights, frozen groups
+            self.load_budget_state(world.broadcast_object(self.budget_state()))
         return r

@@ -152,9 +152,8 @@ class PruneTrainCallback(pl.Callback):
                            batch_idx: int) -> None:
         pt = self.pt
         assert pt is not None
-        if pt.lam is None and pt.schedule is None:  # the penalty ratio's lambda, from the (global) batch's loss
-            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-            pt.penalty(trainer.strategy.reduce(loss.detach(), reduce_op="mean"))
+        if pt.lam is None and pt.schedule is None:  # the penalty ratio's lambda, from the loss (the mean over ranks)
+            pt.penalty(outputs["loss"] if isinstance(outputs, dict) else outputs)
         while self._seen < trainer.global_step:  # one PruneTrain step per optimizer step
             self._seen += 1
             pt.after_step()
