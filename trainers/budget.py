@@ -20,7 +20,7 @@ from typing import Any
 from ptgraph.errors import UserError
 
 SHAPES = ("cubic", "linear")
-ALLOCATIONS = ("uniform", "global", "sensitivity")
+ALLOCATIONS = ("uniform", "global", "sensitivity", "config")
 # docs/BENCHMARKS.md section 1, target 0.5: uniform is 4.5 (10 epochs, two seeds) and 4.7 (20 epochs) points better
 # on MobileNetV2, the worse model, and 0.8 worse on ResNet-20 than global; compute-aware scores rank across groups,
 # so they imply global.

@@ -29,7 +29,6 @@ from ptgraph.passes import ChannelAnalysis, PrunePlan, ShrinkReport, analyze_cha
 from ptgraph.passes.verify import failing_groups, tolerance_for
 from ptgraph.trainers.allocation import relative_norms, uniform_order
 from ptgraph.trainers.budget import DEFAULT_PRUNE_UNTIL, FlopsSchedule, LassoController, check_budget, interval_steps, resolve_allocation
-from ptgraph.trainers.distributed import Dist, current
 from ptgraph.trainers.lasso import ChannelIndex, build_index, channel_sq_norms, group_lasso, proximal_step
 from ptgraph.trainers.planning import channel_cost, cost_scores, deepest, flops_after, norm_cuts, threshold_plan, uniform_plan
 from ptgraph.trainers.sensitivity import as_inputs, measured_tilts
@@ -84,6 +83,7 @@ class PruneTrain:
         self_check: bool = True,
         compute_aware: bool = False,
         allocation: str | None = None,
+        width_multiple: int = 8,
         leaf_modules: Iterable[str | type] = (),
         ignore: Iterable[str] = (),
     ) -> None:
@@ -140,6 +140,12 @@ class PruneTrain:
         self._index: ChannelIndex | None = None
         self._observed: tuple | None = None  # the last training inputs `observe` was given (sensitivity allocation)
         self._warned_unobserved = False
+        self.blocks = None  # allocation "config": the widths a config holds, each cut alike in every block
+        if self.allocation == "config":
+            from ptgraph.trainers.uniform_blocks import config_blocks
+
+            self.blocks = config_blocks(self.analysis, model, width_multiple)
+            self.frozen |= self.blocks.outside  # no config width holds them: left whole, no lasso
 
     @property
     def model(self) -> nn.Module:
@@ -186,7 +192,7 @@ class PruneTrain:
     def penalty(self, task_loss: torch.Tensor) -> torch.Tensor:
         """lambda * group lasso to add to the loss (zero in proximal mode); sets lambda at the first call."""
         if self.lam is None:
-            self.lam = self._first_lambda(float(task_loss.detach()))
+            self.lam = self.calibrate(float(task_loss.detach()))
         if self.proximal or self.lam == 0:
             return task_loss.new_zeros(())
         return self.lam * self.lasso()
@@ -197,7 +203,7 @@ class PruneTrain:
         launch-bound, and the thresholding is a few kernels per layer)."""
         self.steps += 1
         if self.lam is None and self.schedule is not None:
-            self.lam = self._first_lambda(0.0)
+            self.lam = self.calibrate(0.0)
         if self.proximal and self.lam:
             self._pending += self.optimizer.param_groups[0]["lr"] * self.lam
             if self.steps % self.prox_every == 0:
@@ -289,7 +295,12 @@ class PruneTrain:
         scores across all groups (the smallest relative norms go first, wherever they are). `uniform`: every
         group keeps the same share of its dense channels, its smallest norms going first: the spread of a
         narrower network of the same design (no group becomes a bottleneck the others are not), the lasso
-        and the norms choosing the channels within each group."""
+        and the norms choosing the channels within each group. `config`: as uniform, over the widths a config
+        holds (trainers/uniform_blocks.py)."""
+        if self.blocks is not None:
+            from ptgraph.trainers.uniform_blocks import cut_plans
+
+            return cut_plans(self.analysis, self.blocks, norms, self.dense_sizes, self.min_channels)
         if self.allocation in ("uniform", "sensitivity"):
             tilt = self._tilts(norms) if self.allocation == "sensitivity" else None
             order = uniform_order(norms, self.dense_sizes, tilt, self.min_channels if tilt else None)
@@ -314,7 +325,12 @@ class PruneTrain:
                               self._channel_cost)
 
     def _plan(self, norms: dict[int, np.ndarray], cut: float, restore: float = 0.0) -> PrunePlan:
-        return threshold_plan(self.analysis, norms, cut, self.round_to, self.min_channels, restore)
+        plan = threshold_plan(self.analysis, norms, cut, self.round_to, self.min_channels, restore)
+        if self.blocks is None:
+            return plan
+        from ptgraph.trainers.uniform_blocks import expressible  # keeps what a config can express: more, never less
+
+        return expressible(self.analysis, self.blocks, plan, norms)
 
     def _deepest(self, plan_of: Callable[[int], PrunePlan], n: int, floor: float,
                  nearest: bool = False) -> tuple[int, PrunePlan]:
@@ -391,33 +407,10 @@ class PruneTrain:
         self._set_weights(state["weights"])
         self.controller.load_state_dict(state)
 
-    def _world(self) -> Dist:
-        """The process group torchrun or Lightning initialised, if any: plans and the lasso's strength are then
-        decided on rank 0 and broadcast, so every rank shrinks alike (float noise could tip a threshold)."""
-        return current(next(self.model.parameters()).device)
-
-    def _first_lambda(self, task_loss: float) -> float:
-        """`calibrate`; across ranks, from the mean loss, decided on rank 0 (with its lasso weights) for all."""
-        world = self._world()
-        if not world.active:
-            return self.calibrate(task_loss)
-        (mean,) = world.sum(task_loss / world.world)
-        if world.main:
-            self.lam = self.calibrate(mean)
-        self.load_budget_state(world.broadcast_object(self.budget_state()))
-        return self.lam
-
     def reconfigure(self, plan: PrunePlan | None = None) -> Reconfiguration | None:
         """Remove the channels under the threshold from model and optimizer, in place; None if none are.
-        A plan passed in (a replay, or rank 0's under torchrun) is applied as it is, without steering.
-        Without one, under an initialised process group, rank 0 plans and every rank applies its plan: the
-        same Reconfiguration (or None) on every rank tells the loop to rebuild DDP and recompile."""
+        A plan passed in (a replay, or rank 0's under torchrun) is applied as it is, without steering."""
         start = time.perf_counter()
-        world = self._world() if plan is None else None
-        if world is not None and world.active:
-            if not world.main:
-                self.flush()  # what rank 0's planning does first
-            plan = world.broadcast_plan(self.plan() if world.main else None)
         plan = plan if plan is not None else self.plan()
         before = self.flops
         r = None
@@ -429,6 +422,4 @@ class PruneTrain:
             r = Reconfiguration(self.steps, plan, report, before, self.flops, time.perf_counter() - start)
         if self._feedback is not None:
             self._steer()
-        if world is not None and world.active:  # rank 0 checked and steered: its lambda, gain, weights, frozen groups
-            self.load_budget_state(world.broadcast_object(self.budget_state()))
         return r
