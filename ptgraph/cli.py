@@ -277,7 +277,9 @@ def _train_parser(sub) -> None:
                         "its channels, its smallest norms going first), global (one ranking of norms relative to "
                         "their group's, never more than the target's share of a group) or sensitivity (uniform, "
                         "tilted towards the groups whose next channels change the output least per FLOP, measured "
-                        "on a training batch at every reconfiguration) (default: uniform; global with --compute-aware)")
+                        "on a training batch at every reconfiguration) or config (the same heads and MLP units in every block of "
+                        "a repeated stack, one hidden size, widths in multiples of 8: a shape a model's config can "
+                        "express) (default: uniform; global with --compute-aware)")
     g.add_argument("--compute-aware", action=argparse.BooleanOptionalAction, default=None,
                    help="rank channels by norm per FLOP they cost, so that costly channels go first (implies "
                         "--allocation global; default: off)")
