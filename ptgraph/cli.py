@@ -275,7 +275,7 @@ def _train_parser(sub) -> None:
     g.add_argument("--allocation", choices=ALLOCATIONS, default=None,
                    help="how each cut is spread over the channel groups: uniform (every group keeps the same share of "
                         "its channels, its smallest norms going first), global (one ranking of norms relative to "
-                        "their group's, never more than the target's share of a group) or sensitivity (uniform, "
+                        "their group's, never more than the target's share of a group), sensitivity (uniform, "
                         "tilted towards the groups whose next channels change the output least per FLOP, measured "
                         "on a training batch at every reconfiguration) or config (the same heads and MLP units in every block of "
                         "a repeated stack, one hidden size, widths in multiples of 8: a shape a model's config can "
