@@ -167,3 +167,19 @@ def test_a_shape_its_config_cannot_express_is_one_clear_error(tmp_path):
     pt.reconfigure(PrunePlan({mlp.id: tuple(range(100))}))
     with pytest.raises(UserError, match="does not describe its pruned weights: 'model.layers.0.mlp"):
         save_pruned(model, str(tmp_path / "out"))
+
+
+def test_the_example_script_prunes_saves_reloads_and_resumes(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "hf_trainer.py"
+    spec = importlib.util.spec_from_file_location("hf_trainer_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    out = tmp_path / "run"
+    first = example.main(["--steps", "10", "--save-steps", "5", "--out", str(out)])
+    assert abs(first["flops_share"] - 0.5) <= 0.05 and first["hidden_size"] % 8 == 0 and len(first["generated"]) == 14
+    assert first["num_attention_heads"] == 2 * first["num_key_value_heads"]
+    again = example.main(["--steps", "10", "--save-steps", "5", "--out", str(out), "--resume", str(out / "checkpoint-5")])
+    assert again == first  # resumed from a checkpoint after pruning began: the same model

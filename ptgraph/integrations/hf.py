@@ -122,6 +122,7 @@ class PruneTrainCallback(TrainerCallback):
         self.pt: PruneTrain | None = None
         self.model: nn.Module | None = None
         self.resumed_shapes = False  # the model was shrunk to a checkpoint's shapes before its weights loaded
+        self._graph = None  # the trace made then, handed to PruneTrain
 
     # -- set-up ----------------------------------------------------------------------------------------------
     def on_init_end(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any) -> None:
@@ -140,12 +141,16 @@ class PruneTrainCallback(TrainerCallback):
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
         inputs = self.inputs if self.inputs is not None else example_inputs(model)
         o = self.options
+        source = self._graph if self._graph is not None else model  # traced already if a checkpoint loaded
         with _traceable(model):
-            self.pt = PruneTrain(model, inputs, inner, target_flops=o["target_flops"], total_steps=state.max_steps,
+            self.pt = PruneTrain(source, inputs, inner, target_flops=o["target_flops"], total_steps=state.max_steps,
                                  prune_until=o["prune_until"], prune_schedule=o["prune_schedule"],
                                  reconfigurations=o["reconfigurations"], self_check=o["self_check"],
                                  allocation="config", width_multiple=o["width_multiple"])
-        self.model = model
+        if source is not model:  # the widths are fitted on the model's config, which the graph does not carry
+            self.pt.blocks = config_blocks(self.pt.analysis, model, o["width_multiple"])
+            self.pt.frozen = set(self.pt.blocks.outside)
+        self.model, self._graph = model, None
         if state.global_step > 0:
             self._restore(os.path.join(args.output_dir, f"checkpoint-{state.global_step}", STATE_FILE))
 
@@ -214,4 +219,4 @@ class PruneTrainCallback(TrainerCallback):
                 keep[g.id] = tuple(range(counts.pop()))
         shrink(analysis, PrunePlan(keep), None)
         adopt(module, pruned_config(module, blocks, analysis))
-        self.resumed_shapes = True
+        self.resumed_shapes, self._graph = True, graph
