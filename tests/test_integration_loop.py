@@ -132,3 +132,48 @@ def test_a_compiled_model_trains_on_after_every_reconfiguration(monkeypatch):
         assert changed  # it trained
         assert all(p.grad is None or p.grad.shape == p.shape for p in pt.model.parameters())
     torch._dynamo.reset()
+
+
+def _example(*args, world=1, out, timeout=240, wait=True):
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": f"{ROOT / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}"]
+                                 if world > 1 else [])
+    cmd = [*launch, str(ROOT / "examples" / "timm_style_loop.py"), "--model", "toy_models:small_resnet", "--image",
+           "16", "--samples", "64", "--batch", "8", "--out", str(out), *args]
+    if not wait:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def test_two_processes_under_torchrun_with_ema_ddp_and_compile_end_identical(tmp_path):
+    r0, r1 = _example("--epochs", "3", "--compile", "eager", "--dir", str(tmp_path / "run"), world=2,
+                      out=tmp_path / "out")
+    assert r0["plans"] == r1["plans"] and len(r0["plans"]) >= 2
+    assert abs(r0["flops"] / r0["dense_flops"] - 0.5) < 0.1
+    for part in ("model", "ema"):
+        assert r0[part].keys() == r1[part].keys()
+        assert all(torch.equal(r0[part][k], r1[part][k]) for k in r0[part]), part
+    for k, v in r0["model"].items():  # the EMA copy has the model's shapes
+        assert r0["ema"][f"module.{k}"].shape == v.shape
+
+
+def test_a_run_killed_mid_way_resumes_bit_identically(tmp_path):
+    schedule = ("--epochs", "4", "--prune-until", "0.75")  # epochs 1 and 2 end mid-schedule
+    (whole,) = _example(*schedule, "--dir", str(tmp_path / "whole"), out=tmp_path / "whole")
+    run = tmp_path / "killed"
+    proc = _example(*schedule, "--dir", str(run), out=run, wait=False)
+    for line in proc.stdout:  # killed in the second epoch, after the first checkpoint, mid-schedule
+        if line.startswith("epoch 1:"):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL and (run / "checkpoint.pt").exists() and not (run / "rank0.pt").exists()
+    saved = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert saved["epoch"] < 4 and not saved["budget"]["done"]
+    (resumed,) = _example(*schedule, "--dir", str(run), "--resume", out=run)
+    assert resumed["plans"] == whole["plans"]
+    for part in ("model", "ema"):
+        assert all(torch.equal(resumed[part][k], whole[part][k]) for k in whole[part]), part
