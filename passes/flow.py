@@ -34,6 +34,8 @@ class ChannelFlow:
     canonical: dict[str, str] = field(default_factory=dict)  # tied parameters -> one name
     hints: dict[str, Any] = field(default_factory=dict)  # whole-graph facts a rule computes once (head axes)
     alive: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    axis_index: Any = None  # every tracked axis as one array, built on first use (passes/shrink.py)
+    roots: np.ndarray | None = None  # every element's union-find root, cached on first use (passes/shrink.py)
 
     def count(self, ids: np.ndarray) -> int:
         return int(self.alive[ids].sum())

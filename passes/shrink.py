@@ -27,13 +27,56 @@ class ShrinkReport:
     seconds: float
 
 
-def _alive_after(analysis: ChannelAnalysis, plan: PrunePlan) -> np.ndarray:
+def element_roots(flow: ChannelFlow) -> np.ndarray:
+    """Every element's union-find root; cached (the unions are all made by the analysis, before any plan)."""
+    n = len(flow.space)
+    if flow.roots is None or len(flow.roots) != n:
+        flow.roots = flow.space.roots()
+    return flow.roots
+
+
+def alive_after(analysis: ChannelAnalysis, plan: PrunePlan) -> np.ndarray:
+    """The flow's alive elements after `plan`: an element dies with its channel's root."""
     flow = analysis.flow
     dropped = [np.delete(analysis.channel_roots[g], list(keep)) for g, keep in plan.keep.items()]
     if not dropped:
         return flow.alive.copy()
-    roots = flow.space.roots()
-    return flow.alive & ~np.isin(roots, np.concatenate(dropped))
+    roots = element_roots(flow)
+    dead = np.zeros(len(roots), dtype=bool)
+    dead[np.concatenate(dropped)] = True
+    return flow.alive & ~dead[roots]
+
+
+@dataclass(frozen=True)
+class AxisIndex:
+    """Every tracked axis of the graph (tensor axes, then parameter axes) as one concatenation of element ids,
+    so that 'which axis would keep no channel' is two vectorised reductions, not a loop over the graph."""
+
+    labels: tuple[str, ...]
+    ids: tuple[np.ndarray, ...]
+    flat: np.ndarray
+    starts: np.ndarray
+
+
+def axis_index(flow: ChannelFlow) -> AxisIndex:
+    """Built once per analysis (the axes never change; a shrink only marks elements dead)."""
+    if flow.axis_index is None:
+        labels, ids = [], []
+        for node, t in flow.types.items():
+            for tt in _all_types(t):
+                for axis, a in tt.items():
+                    if len(a):
+                        labels.append(f"axis {axis} of the tensor '{node.name}'")
+                        ids.append(a)
+        for name, axes in flow.param_axes.items():
+            for axis, a in axes.items():
+                if len(a):
+                    labels.append(f"axis {axis} of '{name}'")
+                    ids.append(a)
+        flat = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
+        starts = np.cumsum([0] + [len(a) for a in ids[:-1]]) if ids else np.zeros(0, dtype=np.int64)
+        flow.axis_index = AxisIndex(tuple(labels), tuple(ids), flat, starts)
+    return flow.axis_index
 
 
 def _emptied(flow: ChannelFlow, alive: np.ndarray) -> tuple[str, np.ndarray] | None:
@@ -42,34 +85,33 @@ def _emptied(flow: ChannelFlow, alive: np.ndarray) -> tuple[str, np.ndarray] | N
     plan.check sees parameters only; a parameter-free piece of a split can lose all its
     channels too, and most ops (pooling, a view with -1) reject a size-0 channel axis.
     """
-    for node, t in flow.types.items():
-        for tt in _all_types(t):
-            for axis, ids in tt.items():
-                if len(ids) and flow.alive[ids].any() and not alive[ids].any():
-                    return f"axis {axis} of the tensor '{node.name}'", ids
-    for name, axes in flow.param_axes.items():
-        for axis, ids in axes.items():
-            if len(ids) and flow.alive[ids].any() and not alive[ids].any():
-                return f"axis {axis} of '{name}'", ids
-    return None
+    index = axis_index(flow)
+    if not index.labels:
+        return None
+    hit = np.logical_or.reduceat(flow.alive[index.flat], index.starts) & \
+        ~np.logical_or.reduceat(alive[index.flat], index.starts)
+    first = np.flatnonzero(hit)
+    return (index.labels[first[0]], index.ids[first[0]]) if len(first) else None
 
 
 def keep_every_tensor(analysis: ChannelAnalysis, plan: PrunePlan,
                       scores: dict[int, np.ndarray] | None = None) -> PrunePlan:
     """The plan, plus for every tensor it would empty the best of that tensor's channels (highest
     score, else the first), so that no tensor ends with a size-0 channel axis."""
+    hit = _emptied(analysis.flow, alive_after(analysis, plan))
+    if hit is None:
+        return plan
     keep = {g: set(k) for g, k in plan.keep.items()}
     where = {int(r): (g, c) for g in keep for c, r in enumerate(analysis.channel_roots[g])}
-    roots = analysis.flow.space.roots()
+    roots = element_roots(analysis.flow)
     while True:
-        current = PrunePlan({g: tuple(sorted(k)) for g, k in keep.items()})
-        hit = _emptied(analysis.flow, _alive_after(analysis, current))
         if hit is None:
-            return current
+            return PrunePlan({g: tuple(sorted(k)) for g, k in keep.items()})
         candidates = [where[int(r)] for r in np.unique(roots[hit[1][analysis.flow.alive[hit[1]]]]) if int(r) in where]
         assert candidates, "an emptied tensor must hold a dropped channel"
         g, c = max(candidates, key=lambda gc: scores[gc[0]][gc[1]] if scores else -gc[1])
         keep[g].add(c)
+        hit = _emptied(analysis.flow, alive_after(analysis, PrunePlan({g: tuple(sorted(k)) for g, k in keep.items()})))
 
 
 def _slices(flow: ChannelFlow, alive: np.ndarray) -> dict[str, list[tuple[int, np.ndarray]]]:
@@ -92,7 +134,7 @@ def predict_params(analysis: ChannelAnalysis, plan: PrunePlan) -> int:
     gm = analysis.graph.module
     params = dict(gm.named_parameters())
     total = count_params(gm)
-    for name, cuts in _slices(analysis.flow, _alive_after(analysis, plan)).items():
+    for name, cuts in _slices(analysis.flow, alive_after(analysis, plan)).items():
         if name not in params:
             continue
         shape = list(params[name].shape)
@@ -116,6 +158,24 @@ def _select(t: torch.Tensor, axis: int, index: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def set_data(p: nn.Parameter, new: torch.Tensor) -> None:
+    """p.data = new, also across a shape change: a live autograd graph (last step's loss) keeps the
+    parameter's AccumulateGrad node, which remembers the old shape; setting data of another dtype first
+    drops it."""
+    if new.shape != p.shape:
+        p.data = torch.empty(0, dtype=torch.float64 if p.dtype != torch.float64 else torch.float32, device=p.device)
+    p.data = new
+
+
+def slice_grad_and_state(p: nn.Parameter, old_shape: torch.Size, axis: int, index: torch.Tensor, state: dict) -> None:
+    """The gradient and the optimizer state of `p` (its old shape) follow one slicing of its data."""
+    if p.grad is not None and p.grad.shape == old_shape:
+        p.grad = _select(p.grad, axis, index)
+    for key, value in state.get(p, {}).items():
+        if isinstance(value, torch.Tensor) and value.shape == old_shape:
+            state[p][key] = _select(value, axis, index)
+
+
 def _slice_tensor(module: nn.Module, name: str, axis: int, keep: np.ndarray, state: dict) -> None:
     owner, attr = _owner(module, name)
     t = getattr(owner, attr)
@@ -123,18 +183,8 @@ def _slice_tensor(module: nn.Module, name: str, axis: int, keep: np.ndarray, sta
     old_shape = t.shape
     with torch.no_grad():
         if isinstance(t, nn.Parameter):
-            grad = t.grad
-            new = _select(t.data, axis, index)
-            # A live autograd graph (last step's loss) keeps the parameter's AccumulateGrad node,
-            # which remembers the old shape; setting data of another dtype first drops it.
-            t.data = torch.empty(0, dtype=torch.float64 if t.dtype != torch.float64 else torch.float32,
-                                 device=t.device)
-            t.data = new
-            if grad is not None:
-                t.grad = _select(grad, axis, index)
-            for key, value in state.get(t, {}).items():
-                if isinstance(value, torch.Tensor) and value.shape == old_shape:
-                    state[t][key] = _select(value, axis, index)
+            set_data(t, _select(t.data, axis, index))
+            slice_grad_and_state(t, old_shape, axis, index, state)
         elif attr in owner._buffers:
             owner._buffers[attr] = t.index_select(axis, index)
         else:
@@ -148,15 +198,21 @@ def shrink(analysis: ChannelAnalysis, plan: PrunePlan, optimizer: torch.optim.Op
     flow, gm = analysis.flow, analysis.graph.module
     params_before = count_params(gm)
     sizes_before = {g.id: g.size for g in analysis.groups}
-    alive = _alive_after(analysis, plan)
+    alive = alive_after(analysis, plan)
     emptied = _emptied(flow, alive)
     if emptied:
         raise UserError(f"the plan removes every channel of {emptied[0]} (a tensor cannot have size 0); "
                         f"keep at least one of its channels, e.g. with keep_every_tensor(analysis, plan)")
     state = optimizer.state if optimizer is not None else {}
     for name, cuts in _slices(flow, alive).items():
-        for axis, keep in cuts:
+        for axis, keep in sorted(cuts, key=lambda cut: -cut[0]):  # inner axes first: 1.5x faster on a 2-D weight
             _slice_tensor(gm, name, axis, keep, state)
+    set_alive(flow, gm, alive)
+    return finish(analysis, sizes_before, params_before, start)
+
+
+def set_alive(flow: ChannelFlow, gm: nn.Module, alive: np.ndarray) -> None:
+    """The flow's alive elements, and the module attributes and graph constants that follow from them."""
     flow.alive = alive
     for fix in flow.module_fixes:
         fix(flow.count)
@@ -164,6 +220,11 @@ def shrink(analysis: ChannelAnalysis, plan: PrunePlan, optimizer: torch.optim.Op
         for fix in flow.graph_rewrites:
             fix(flow.count)
         gm.recompile()
+
+
+def finish(analysis: ChannelAnalysis, sizes_before: dict[int, int], params_before: int, start: float) -> ShrinkReport:
+    """After the tensors are sliced and `set_alive`: the recorded node shapes and the groups follow."""
+    flow, gm = analysis.flow, analysis.graph.module
     for node in gm.graph.nodes:
         if node in flow.types:
             node.meta["shape"] = flow.current_shape(node)

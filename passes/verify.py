@@ -10,12 +10,11 @@ import torch
 from torch import nn
 
 from ptgraph.cost import forward_flops
-from ptgraph.errors import UserError
-from ptgraph.graph import Graph
-from ptgraph.passes.groups import ChannelAnalysis, analyze_channels
+from ptgraph.passes.groups import ChannelAnalysis
 from ptgraph.passes.plan import PrunePlan
 from ptgraph.passes.plan import random_plan
 from ptgraph.passes.shrink import count_params, keep_every_tensor, mask, predict_params, shrink
+from ptgraph.passes.trial import relative_error, shrunk_and_masked
 
 TOLERANCE = 1e-4  # relative, float32
 
@@ -73,26 +72,24 @@ def tolerance_for(module: nn.Module) -> float:
     return TOLERANCE if p.device.type == "cpu" else 5e-3
 
 
-def shrink_error(graph: Graph, plan: PrunePlan, inputs: tuple) -> float:
-    """Relative error between a copy shrunk by `plan` and a copy masked by it, in eval mode on `inputs`; inf
-    if the shrink or the shrunk forward fails. The model itself is untouched: this is the check a
-    reconfiguration runs before it keeps a shrink."""
-    twin = copy.deepcopy(graph)
-    twin.module.eval()
+def shrink_error(analysis: ChannelAnalysis, plan: PrunePlan, inputs: tuple, compare: bool = True) -> float:
+    """Relative error between the model shrunk by `plan` and the model masked by it, in eval mode on
+    `inputs`; inf if the shrink or the shrunk forward fails (without `compare`, 0 if it runs). Tried in place
+    and undone (passes/trial.py): the model is left exactly as it was, and the only extra memory is the
+    dropped slices that are not zero already."""
+    gm = analysis.graph.module
+    was_training = gm.training
+    gm.eval()
     try:
-        analysis = analyze_channels(twin)
-        masked = mask(copy.deepcopy(twin.module), analysis, plan)
-        shrink(analysis, plan)
-        with torch.no_grad():
-            got, want = flat_output(twin.module(*inputs)), flat_output(masked(*inputs))
-    except (RuntimeError, ValueError, IndexError, TypeError, AssertionError, UserError):
-        return float("inf")  # a shrink that cannot even run is the clearest mismatch
-    if got.shape != want.shape or not torch.isfinite(want).all():
-        return float("inf") if got.shape != want.shape else 0.0
-    return _rel_err(got, want)[0]
+        outputs = shrunk_and_masked(analysis, plan, inputs, flat_output, masked=compare)
+    finally:
+        gm.train(was_training)
+    if outputs is None:
+        return float("inf")
+    return relative_error(*outputs) if compare else 0.0
 
 
-def failing_groups(graph: Graph, analysis: ChannelAnalysis, plan: PrunePlan, inputs: tuple,
+def failing_groups(analysis: ChannelAnalysis, plan: PrunePlan, inputs: tuple,
                    tolerance: float) -> tuple[list[int], float]:
     """The groups of `plan` whose shrink would change the model's function (tried one by one; all of them if
     none fails alone) and the whole plan's error; ([], 0.0) when it passes. Exact groups must match the mask;
@@ -101,8 +98,8 @@ def failing_groups(graph: Graph, analysis: ChannelAnalysis, plan: PrunePlan, inp
 
     def wrong(p: PrunePlan) -> float:
         checked = PrunePlan({g: k for g, k in p.keep.items() if g in exact})
-        err = shrink_error(graph, checked, inputs) if checked.keep else 0.0
-        if err <= tolerance and len(checked.keep) < len(p.keep) and shrink_error(graph, p, inputs) == float("inf"):
+        err = shrink_error(analysis, checked, inputs) if checked.keep else 0.0
+        if err <= tolerance and len(checked.keep) < len(p.keep) and shrink_error(analysis, p, inputs, False) == float("inf"):
             err = float("inf")
         return err if err > tolerance else 0.0
 

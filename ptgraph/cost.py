@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import operator
+from typing import Callable
 
 import torch
 import torch.fx as fx
@@ -24,10 +25,6 @@ def _numel(shape: object) -> int:
     return 0
 
 
-def _shape(n: object) -> tuple | None:
-    return n.meta.get("shape") if isinstance(n, fx.Node) else None
-
-
 def _aten(*names: str) -> set:
     from ptgraph.passes.rules import aten
 
@@ -43,45 +40,68 @@ _ADDMM = {torch.addmm} | _aten("addmm.default")
 _SDPA = {F.scaled_dot_product_attention} | _aten("scaled_dot_product_attention.default")
 
 
-def node_flops(gm: fx.GraphModule, node: fx.Node) -> int:
-    out = node.meta.get("shape")
+ShapeOf = Callable[[object], "tuple | None"]  # a node (or any argument) -> its shape
+ParamShape = Callable[[str], "tuple | None"]  # a parameter's qualified name -> its shape
+
+
+def _meta_shape(n: object) -> tuple | None:
+    return n.meta.get("shape") if isinstance(n, fx.Node) else None
+
+
+def _tensor_shape(gm: fx.GraphModule) -> ParamShape:
+    def shape(name: str) -> tuple | None:
+        path, _, attr = name.rpartition(".")
+        value = getattr(gm.get_submodule(path) if path else gm, attr, None)
+        return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+    return shape
+
+
+def node_flops(gm: fx.GraphModule, node: fx.Node, shape_of: ShapeOf = _meta_shape,
+               param_shape: ParamShape | None = None) -> int:
+    """FLOPs of one node for the traced batch. `shape_of` and `param_shape` say what the shapes are: the
+    graph's recorded shapes and the module's tensors by default, or the shapes a plan would leave
+    (passes/predict.py), so that a plan's cost is counted without shrinking anything."""
+    param_shape = param_shape or _tensor_shape(gm)
+    out = shape_of(node)
     if node.op == "call_module":
         m = gm.get_submodule(node.target)
+        weight = f"{node.target}.weight"
         if isinstance(m, nn.modules.conv._ConvTransposeNd):
-            return 2 * _numel(_shape(node.args[0])) * m.weight[0].numel()
+            return 2 * _numel(shape_of(node.args[0])) * math.prod(param_shape(weight)[1:])
         if isinstance(m, nn.modules.conv._ConvNd):
-            return 2 * _numel(out) * m.weight[0].numel()
+            return 2 * _numel(out) * math.prod(param_shape(weight)[1:])
         if isinstance(m, nn.Linear):
-            return 2 * _numel(out) * m.in_features
+            return 2 * _numel(out) * param_shape(weight)[1]
         if isinstance(m, nn.MultiheadAttention):
-            q = _shape(node.args[0]) or ()
-            tokens, e = _numel(q) // max(q[-1], 1) if q else 0, m.embed_dim
+            q = shape_of(node.args[0]) or ()
+            tokens, e = _numel(q) // max(q[-1], 1) if q else 0, (q[-1] if q else 0)  # a query's width is embed_dim
             length = q[0] if q and not m.batch_first else (q[1] if len(q) > 1 else 1)
             return 2 * tokens * e * 4 * e + 4 * tokens * length * e
     if node.op == "call_function":
         if node.target in _WEIGHTED:
-            w = _shape(node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")) or (0,)
+            w = shape_of(node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")) or (0,)
             return 2 * _numel(out) * math.prod(w[1:])
         if node.target in _MATMULS:
-            a = _shape(node.args[0] if node.args else node.kwargs.get("input")) or (0,)
+            a = shape_of(node.args[0] if node.args else node.kwargs.get("input")) or (0,)
             return 2 * _numel(out) * a[-1]
         if node.target in _ADDMM:
-            a = _shape(node.args[1] if len(node.args) > 1 else node.kwargs.get("mat1")) or (0,)
+            a = shape_of(node.args[1] if len(node.args) > 1 else node.kwargs.get("mat1")) or (0,)
             return 2 * _numel(out) * a[-1]
         if node.target in _SDPA:
-            q, k = _shape(node.args[0]) or (0,), _shape(node.args[1]) or (0, 0)
+            q, k = shape_of(node.args[0]) or (0,), shape_of(node.args[1]) or (0, 0)
             return 4 * _numel(q) * k[-2]
     if node.op == "call_method" and node.target in ("matmul", "bmm"):
-        a = _shape(node.args[0]) or (0,)
+        a = shape_of(node.args[0]) or (0,)
         return 2 * _numel(out) * a[-1]
     if node.op in ("call_module", "call_function", "call_method") and isinstance(out, tuple):
         return _numel(out)
     return 0
 
 
-def forward_flops(gm: fx.GraphModule) -> int:
-    """Forward FLOPs for one sample (the traced batch size divided out)."""
-    total = sum(node_flops(gm, n) for n in gm.graph.nodes)
+def forward_flops(gm: fx.GraphModule, shape_of: ShapeOf = _meta_shape, param_shape: ParamShape | None = None) -> int:
+    """Forward FLOPs for one sample (the traced batch size divided out); shapes as in `node_flops`."""
+    param_shape = param_shape or _tensor_shape(gm)
+    total = sum(node_flops(gm, n, shape_of, param_shape) for n in gm.graph.nodes)
     batch = next((n.meta["shape"][0] for n in gm.graph.nodes if n.op == "placeholder" and n.meta.get("shape")), 1)
     return total // max(batch, 1)
 

@@ -53,15 +53,27 @@ def build_index(groups: tuple[ChannelGroup, ...], module: nn.Module, device: tor
                         tuple(len(s) for s in slot_maps), group_slices, offset)
 
 
+def square_sums(p: torch.Tensor, axis: int, chunk_bytes: int = 1 << 21) -> torch.Tensor:
+    """Sum of squares over every axis of `p` but `axis`, in float32 (differentiable). Never materialises the
+    square of a whole weight: along the leading axis a norm reduction reads it once; along another axis the
+    rows are reduced in cache-sized chunks (a strided reduction over a large weight is 20x slower)."""
+    other = [d for d in range(p.dim()) if d != axis]
+    if not other:
+        return p.float().square()
+    if axis == 0 or p.shape[0] == 1:
+        half = p.dtype in (torch.float16, torch.bfloat16)
+        return torch.linalg.vector_norm(p, dim=other, dtype=torch.float32 if half else None).float().square()
+    rows = max(1, chunk_bytes // max(1, p[0].numel() * 4))
+    return sum(c.float().square().sum(dim=other) for c in p.split(rows))
+
+
 def channel_sq_norms(index: ChannelIndex, module: nn.Module) -> torch.Tensor:
     """Squared L2 norm of every prunable channel over all its member slices (differentiable)."""
     params = dict(module.named_parameters())
     pieces = []
     for name, axes in zip(index.params, index.axes):
-        sq = params[name].float().square()
         for axis in axes:
-            other = [d for d in range(sq.dim()) if d != axis]
-            pieces.append(sq.sum(dim=other) if other else sq)
+            pieces.append(square_sums(params[name], axis))
     if not pieces:
         return torch.zeros(0)
     flat = torch.cat(pieces)

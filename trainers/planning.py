@@ -1,18 +1,17 @@
 """Plans that meet a FLOPs goal: candidate plans from the channel norms, their exact FLOPs, the deepest one over
-a floor. Data in, plans out; the model is never touched (FLOPs are counted on shrunk copies), so the steering
-and the schedule's final cut can try as many plans as a bisection needs."""
+a floor. Data in, plans out; the model is never touched and no weight is copied (a plan's FLOPs come from the
+channel counts it leaves, passes/predict.py), so the steering and the schedule's final cut can try as many plans
+as a bisection needs, whatever the model's size."""
 from __future__ import annotations
 
-import copy
 import math
 from collections import Counter
 from typing import Callable
 
 import numpy as np
 
-from ptgraph.cost import forward_flops
-from ptgraph.graph import Graph
-from ptgraph.passes import ChannelAnalysis, PrunePlan, analyze_channels, keep_every_tensor, shrink
+from ptgraph.passes import ChannelAnalysis, PrunePlan, keep_every_tensor
+from ptgraph.passes.predict import predicted_flops
 from ptgraph.trainers.allocation import keep_channels, relative_norms
 
 
@@ -47,24 +46,13 @@ def norm_cuts(norms: dict[int, np.ndarray], threshold: float) -> np.ndarray:
     return np.unique(np.concatenate([[threshold], values[values > threshold]]))
 
 
-def flops_after(graph: Graph, analysis: ChannelAnalysis, plan: PrunePlan, now: int) -> int:
-    """Forward FLOPs per sample the model would have after `plan` (`now` for an empty one); shrinks a copy."""
-    if not plan.keep:
-        return now
-    twin = copy.deepcopy(graph)
-    twin_analysis = analyze_channels(twin)
-    assert [(g.id, g.size) for g in twin_analysis.groups] == [(g.id, g.size) for g in analysis.groups]
-    shrink(twin_analysis, plan, None)
-    return forward_flops(twin.module)
-
-
-def channel_cost(graph: Graph, analysis: ChannelAnalysis, gid: int, size: int, now: int) -> float:
-    """Forward FLOPs per sample one channel of group `gid` costs now (a tenth of the group removed on a copy)."""
+def channel_cost(analysis: ChannelAnalysis, gid: int, size: int, now: int) -> float:
+    """Forward FLOPs per sample one channel of group `gid` costs now (from a plan removing a tenth of it)."""
     k = max(1, size // 10)
     if size <= k:
         return 0.0
     plan = keep_every_tensor(analysis, PrunePlan({gid: tuple(range(k, size))}))
-    return (now - flops_after(graph, analysis, plan, now)) / k
+    return (now - predicted_flops(analysis, plan)) / k
 
 
 def cost_scores(norms: dict[int, np.ndarray], costs: dict[int, float]) -> dict[int, np.ndarray]:
@@ -79,7 +67,7 @@ def cost_scores(norms: dict[int, np.ndarray], costs: dict[int, float]) -> dict[i
 def deepest(plan_of: Callable[[int], PrunePlan], n: int, floor: float, flops_of: Callable[[PrunePlan], int],
             nearest: bool = False) -> tuple[int, PrunePlan]:
     """plan_of(i) removes more as i grows: the largest i (and its plan) whose plan keeps at least `floor`
-    FLOPs, or 0 (bisection on `flops_of`, the exact FLOPs of a shrunk copy). With `nearest`, the next deeper
+    FLOPs, or 0 (bisection on `flops_of`, a plan's exact FLOPs). With `nearest`, the next deeper
     plan instead when it lands closer to `floor` (coarse groups: one channel may be a big step)."""
     lo, hi = 0, n - 1
     if flops_of(plan_of(hi)) >= floor:

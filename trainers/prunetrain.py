@@ -26,11 +26,14 @@ from ptgraph.cost import forward_flops
 from ptgraph.errors import UserError
 from ptgraph.graph import Graph, trace
 from ptgraph.passes import ChannelAnalysis, PrunePlan, ShrinkReport, analyze_channels, shrink
-from ptgraph.passes.verify import failing_groups, tolerance_for
+from ptgraph.passes.trial import checked_shrink
+from ptgraph.passes.verify import failing_groups, flat_output, tolerance_for
 from ptgraph.trainers.allocation import relative_norms, uniform_order
 from ptgraph.trainers.budget import DEFAULT_PRUNE_UNTIL, FlopsSchedule, LassoController, check_budget, interval_steps, resolve_allocation
+from ptgraph.trainers.distributed import Dist, current
 from ptgraph.trainers.lasso import ChannelIndex, build_index, channel_sq_norms, group_lasso, proximal_step
-from ptgraph.trainers.planning import channel_cost, cost_scores, deepest, flops_after, norm_cuts, threshold_plan, uniform_plan
+from ptgraph.passes.predict import predicted_flops
+from ptgraph.trainers.planning import channel_cost, cost_scores, deepest, norm_cuts, threshold_plan, uniform_plan
 from ptgraph.trainers.sensitivity import as_inputs, measured_tilts
 
 DEFAULT_RATIO = 0.2  # the paper's, for its 182 epochs
@@ -192,7 +195,7 @@ class PruneTrain:
     def penalty(self, task_loss: torch.Tensor) -> torch.Tensor:
         """lambda * group lasso to add to the loss (zero in proximal mode); sets lambda at the first call."""
         if self.lam is None:
-            self.lam = self.calibrate(float(task_loss.detach()))
+            self.lam = self._first_lambda(float(task_loss.detach()))
         if self.proximal or self.lam == 0:
             return task_loss.new_zeros(())
         return self.lam * self.lasso()
@@ -203,7 +206,7 @@ class PruneTrain:
         launch-bound, and the thresholding is a few kernels per layer)."""
         self.steps += 1
         if self.lam is None and self.schedule is not None:
-            self.lam = self.calibrate(0.0)
+            self.lam = self._first_lambda(0.0)
         if self.proximal and self.lam:
             self._pending += self.optimizer.param_groups[0]["lr"] * self.lam
             if self.steps % self.prox_every == 0:
@@ -245,17 +248,15 @@ class PruneTrain:
         return self._checked(self._unchecked_plan())
 
     def _checked(self, plan: PrunePlan) -> PrunePlan:
-        """Before a shrink is kept, a copy shrunk by the plan must compute what a copy masked by it computes
-        (eval mode, the example inputs; for inexact groups: must run). On a mismatch the groups that cause it (tried one by one) are dropped
+        """Before a shrink is kept, the model shrunk by the plan must compute what the model masked by it computes
+        (eval mode, the example inputs; for inexact groups: must run; tried in place and undone, passes/trial.py). On a mismatch the groups that cause it (tried one by one) are dropped
         from the plan and frozen; `check_note` names them."""
         self.check_note = None
         if not self.self_check or not plan.keep:
             return plan
         start = time.perf_counter()
-        device = next(self.model.parameters()).device
-        probe = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in self.probe)
         tolerance = tolerance_for(self.model)
-        bad, err = failing_groups(self.graph, self.analysis, plan, probe, tolerance)
+        bad, err = failing_groups(self.analysis, plan, self._probe_on_device(), tolerance)
         if bad:
             self.frozen.update(bad)
             self._index = None
@@ -267,6 +268,25 @@ class PruneTrain:
             plan = PrunePlan({g: k for g, k in plan.keep.items() if g not in bad})
         self.check_seconds += time.perf_counter() - start
         return plan
+
+    def _shrink_checked(self, plan: PrunePlan) -> tuple[PrunePlan, ShrinkReport | None]:
+        """Shrink by `plan` with the self-check of `_checked`, fused with the shrink itself: the model is masked
+        and run, then shrunk and run, in place (passes/trial.py), so a passing plan costs one slicing and two
+        forwards and no copy of the model. On a mismatch the shrink is undone and `_checked`'s search decides."""
+        self.check_note = None
+        if not self.self_check or not plan.keep:
+            return plan, (shrink(self.analysis, plan, self.optimizer) if plan.keep else None)
+        report, _, seconds = checked_shrink(self.analysis, plan, self._probe_on_device(), flat_output,
+                                            tolerance_for(self.model), self.optimizer)
+        self.check_seconds += seconds
+        if report is not None:
+            return plan, report
+        plan = self._checked(plan)
+        return plan, (shrink(self.analysis, plan, self.optimizer) if plan.keep else None)
+
+    def _probe_on_device(self) -> tuple:
+        device = next(self.model.parameters()).device
+        return tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in self.probe)
 
     def _unchecked_plan(self) -> PrunePlan:
         """The channels to keep: norm at or over the threshold (rounded as configured), after any pending
@@ -337,8 +357,9 @@ class PruneTrain:
         return deepest(plan_of, n, floor, self.flops_after, nearest)
 
     def flops_after(self, plan: PrunePlan) -> int:
-        """Forward FLOPs per sample the model would have after `plan` (shrinks a copy; the model is untouched)."""
-        return flops_after(self.graph, self.analysis, plan, self.flops)
+        """Forward FLOPs per sample the model would have after `plan` (counted from the channels it leaves;
+        nothing is copied or touched)."""
+        return predicted_flops(self.analysis, plan) if plan.keep else self.flops
 
     def _steered_lambda(self) -> float:
         """lambda and the lasso's weights for the next interval. The channels the schedule's next point needs
@@ -378,7 +399,7 @@ class PruneTrain:
         return cost_scores(norms, {gid: self._channel_cost(gid, len(n)) for gid, n in norms.items()})
 
     def _channel_cost(self, gid: int, size: int) -> float:
-        return channel_cost(self.graph, self.analysis, gid, size, self.flops)
+        return channel_cost(self.analysis, gid, size, self.flops)
 
     def _set_weights(self, weights: np.ndarray | None) -> None:
         self.weights = None if weights is None else np.asarray(weights, dtype=np.float32)
@@ -407,19 +428,48 @@ class PruneTrain:
         self._set_weights(state["weights"])
         self.controller.load_state_dict(state)
 
+    def _world(self) -> Dist:
+        """The process group torchrun or Lightning initialised, if any: plans and the lasso's strength are then
+        decided on rank 0 and broadcast, so every rank shrinks alike (float noise could tip a threshold)."""
+        return current(next(self.model.parameters()).device)
+
+    def _first_lambda(self, task_loss: float) -> float:
+        """`calibrate`; across ranks, from the mean loss, decided on rank 0 (with its lasso weights) for all."""
+        world = self._world()
+        if not world.active:
+            return self.calibrate(task_loss)
+        (mean,) = world.sum(task_loss / world.world)
+        if world.main:
+            self.lam = self.calibrate(mean)
+        self.load_budget_state(world.broadcast_object(self.budget_state()))
+        return self.lam
+
     def reconfigure(self, plan: PrunePlan | None = None) -> Reconfiguration | None:
         """Remove the channels under the threshold from model and optimizer, in place; None if none are.
-        A plan passed in (a replay, or rank 0's under torchrun) is applied as it is, without steering."""
+        A plan passed in (a replay, or rank 0's under torchrun) is applied as it is, without steering.
+        Without one, under an initialised process group, rank 0 plans and every rank applies its plan: the
+        same Reconfiguration (or None) on every rank tells the loop to rebuild DDP and recompile."""
         start = time.perf_counter()
-        plan = plan if plan is not None else self.plan()
+        world = self._world() if plan is None else None
+        distributed = world is not None and world.active
         before = self.flops
+        if plan is None and (not distributed or world.main):
+            plan, report = self._shrink_checked(self._unchecked_plan())
+            if distributed:
+                world.broadcast_plan(plan)
+        else:
+            if distributed:
+                self.flush()  # what rank 0's planning does first
+                plan = world.broadcast_plan(None)
+            report = shrink(self.analysis, plan, self.optimizer) if plan.keep else None
         r = None
-        if plan.keep:
-            report = shrink(self.analysis, plan, self.optimizer)
+        if report is not None:
             self._index = None
             self._flops = forward_flops(self.model)
             self.plans.append(plan)
             r = Reconfiguration(self.steps, plan, report, before, self.flops, time.perf_counter() - start)
         if self._feedback is not None:
             self._steer()
+        if world is not None and world.active:  # rank 0 checked and steered: its lambda, gain, weights, frozen groups
+            self.load_budget_state(world.broadcast_object(self.budget_state()))
         return r
