@@ -110,3 +110,21 @@ def test_two_ddp_processes_under_torchrun_end_identical(tmp_path):
     assert abs(r0["flops"] / r0["dense_flops"] - 0.5) < 0.05
     params = [k for k in r0["state"] if "running" not in k and "num_batches" not in k]  # BN statistics are per rank
     assert all(torch.equal(r0["state"][k], r1["state"][k]) for k in params)
+
+
+def test_gradient_accumulation_counts_optimizer_steps_not_batches(tmp_path):
+    import lightning as L
+
+    from ptgraph.integrations.lightning import PruneTrainCallback
+    from toy_models import small_resnet
+
+    torch.manual_seed(0)
+    module = example.Classifier(small_resnet(), image=16)
+    callback = PruneTrainCallback(target_flops=0.6, prune_until=0.5)
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", accumulate_grad_batches=2, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        default_root_dir=tmp_path, callbacks=[callback])
+    loader = torch.utils.data.DataLoader(example.synthetic(64, 16, 10), batch_size=8)  # 8 batches, 4 steps an epoch
+    trainer.fit(module, loader)
+    assert trainer.global_step == 8 and callback.pt.steps == 8 and callback.pt.schedule.until <= 4
+    assert callback.pt.target_reached and abs(callback.pt.flops / callback.pt.dense_flops - 0.6) < 0.1

@@ -113,10 +113,7 @@ class PruneTrainCallback(pl.Callback):
 
     def _replay(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("callbacks", {}).get(self.state_key)
-        if state is None:
-            if any(k.startswith(f"{self.model_attr}.") for k in checkpoint.get("state_dict", {})):
-                raise UserError(f"the checkpoint holds no PruneTrainCallback state ({self.state_key}); resume it "
-                                f"with the callback it was written with")
+        if state is None:  # a dense run's checkpoint: pruning starts from its weights
             return
         assert self.pt is not None and not self.pt.plans, "plans are replayed into a fresh model only"
         if state["total_steps"] != self.total_steps:  # the run's own schedule, even if this fit runs longer
@@ -158,6 +155,7 @@ class PruneTrainCallback(pl.Callback):
             self._seen += 1
             pt.after_step()
             if pt.reconfiguration_due():
+                pl_module.zero_grad(set_to_none=True)  # applied already; Lightning zeroes them before the next backward
                 r = pt.reconfigure()  # under ddp: rank 0's plan on every rank
                 if r is not None:
                     self.reconfigurations.append(r)
