@@ -167,13 +167,20 @@ def set_data(p: nn.Parameter, new: torch.Tensor) -> None:
     p.data = new
 
 
-def slice_grad_and_state(p: nn.Parameter, old_shape: torch.Size, axis: int, index: torch.Tensor, state: dict) -> None:
-    """The gradient and the optimizer state of `p` (its old shape) follow one slicing of its data."""
-    if p.grad is not None and p.grad.shape == old_shape:
-        p.grad = _select(p.grad, axis, index)
+def slice_grad_and_state(p: nn.Parameter, steps: list[tuple[torch.Size, int, torch.Tensor]], state: dict) -> None:
+    """The gradient and the optimizer state of `p` follow the slicings of its data, (shape before, axis, kept
+    positions) in order; the gradient is set once, at the data's shape."""
+    def sliced(value: torch.Tensor) -> torch.Tensor:
+        for shape, axis, index in steps:
+            if value.shape == shape:
+                value = _select(value, axis, index)
+        return value
+
+    if p.grad is not None:
+        p.grad = sliced(p.grad)
     for key, value in state.get(p, {}).items():
-        if isinstance(value, torch.Tensor) and value.shape == old_shape:
-            state[p][key] = _select(value, axis, index)
+        if isinstance(value, torch.Tensor):
+            state[p][key] = sliced(value)
 
 
 def _slice_tensor(module: nn.Module, name: str, axis: int, keep: np.ndarray, state: dict) -> None:
@@ -184,7 +191,7 @@ def _slice_tensor(module: nn.Module, name: str, axis: int, keep: np.ndarray, sta
     with torch.no_grad():
         if isinstance(t, nn.Parameter):
             set_data(t, _select(t.data, axis, index))
-            slice_grad_and_state(t, old_shape, axis, index, state)
+            slice_grad_and_state(t, [(old_shape, axis, index)], state)
         elif attr in owner._buffers:
             owner._buffers[attr] = t.index_select(axis, index)
         else:

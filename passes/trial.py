@@ -22,9 +22,11 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+import torch.fx as fx
 from torch import nn
 
 from ptgraph.errors import UserError
+from ptgraph.passes.flow import ChannelFlow
 from ptgraph.passes.groups import ChannelAnalysis
 from ptgraph.passes.plan import PrunePlan
 from ptgraph.passes.shrink import (ShrinkReport, _emptied, _owner, _select, _slices, alive_after, count_params, finish,
@@ -129,6 +131,40 @@ def _undo(cuts: list[_Cut]) -> None:
             _restore(c)
 
 
+class _GraphState:
+    """What a trial changes besides tensors: the alive elements, module attributes and the graph's calls. The calls
+    are restored as they were written (a rewrite may write a literal where the graph computed a size, or turn a
+    chunk into a split)."""
+
+    def __init__(self, flow: ChannelFlow, gm: fx.GraphModule) -> None:
+        self.flow, self.gm, self.alive = flow, gm, flow.alive
+        self.calls = {n: (n.op, n.target, n.args, n.kwargs) for n in gm.graph.nodes} if flow.graph_rewrites else {}
+
+    def changed(self) -> bool:
+        return self.flow.alive is not self.alive
+
+    def restore(self) -> None:
+        self.flow.alive = self.alive
+        for fix in self.flow.module_fixes:
+            fix(self.flow.count)
+        if self.calls:
+            for n, (op, target, args, kwargs) in self.calls.items():
+                n.op, n.target, n.args, n.kwargs = op, target, args, kwargs
+            self.gm.recompile()
+
+
+def eval_mode(module: nn.Module) -> Callable[[], None]:
+    """Put `module` in eval mode; returns what puts every submodule back in the mode it had (which need not
+    be its parent's)."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+
+    def restore() -> None:
+        for m, training in modes:
+            m.training = training
+    return restore
+
+
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     """|got - want| / |want|; inf on a shape mismatch, 0 where `want` is not finite (nothing to compare)."""
     if got.shape != want.shape:
@@ -147,10 +183,10 @@ def shrunk_and_masked(analysis: ChannelAnalysis, plan: PrunePlan, inputs: tuple,
     model's current mode; None if the shrink or its forward fails. On return the model, its attributes, its
     graph and the analysis are exactly as they were."""
     flow, gm = analysis.flow, analysis.graph.module
-    before = flow.alive
     alive = alive_after(analysis, plan)
     if _emptied(flow, alive):
         return None
+    graph = _GraphState(flow, gm)
     cuts: list[_Cut] = []
     try:
         with torch.no_grad():
@@ -161,15 +197,15 @@ def shrunk_and_masked(analysis: ChannelAnalysis, plan: PrunePlan, inputs: tuple,
             got = flatten(gm(*inputs))
             for c in cuts:
                 _expand_with_zeros(c)
-            set_alive(flow, gm, before)
+            graph.restore()
             want = flatten(gm(*inputs)) if masked else None
         return got, want
     except FAILURES:
         return None  # a shrink that cannot even run is the clearest mismatch
     finally:
         _undo(cuts)
-        if flow.alive is not before:
-            set_alive(flow, gm, before)
+        if graph.changed():
+            graph.restore()
 
 
 def checked_shrink(analysis: ChannelAnalysis, plan: PrunePlan, inputs: tuple, flatten: Flatten, tolerance: float,
@@ -184,12 +220,12 @@ def checked_shrink(analysis: ChannelAnalysis, plan: PrunePlan, inputs: tuple, fl
     flow, gm = analysis.flow, analysis.graph.module
     exact = {g.id for g in analysis.groups if g.exact}
     stages = [PrunePlan({g: k for g, k in plan.keep.items() if g in exact}), plan]
-    before, sizes_before, params_before = flow.alive, {g.id: g.size for g in analysis.groups}, count_params(gm)
+    sizes_before, params_before = {g.id: g.size for g in analysis.groups}, count_params(gm)
     alive_exact, alive_all = alive_after(analysis, stages[0]), alive_after(analysis, plan)
     if _emptied(flow, alive_all):
         return None, float("inf"), 0.0
-    was_training = gm.training
-    gm.eval()
+    graph = _GraphState(flow, gm)
+    restore_modes = eval_mode(gm)
     cuts: list[_Cut] = []
     err, kept, check = float("inf"), False, 0.0
     try:
@@ -222,15 +258,14 @@ def checked_shrink(analysis: ChannelAnalysis, plan: PrunePlan, inputs: tuple, fl
     except FAILURES:
         return None, float("inf"), time.perf_counter() - start
     finally:
-        gm.train(was_training)
+        restore_modes()
         if not kept:
             _undo(cuts)
-            if flow.alive is not before:
-                set_alive(flow, gm, before)
+            if graph.changed():
+                graph.restore()
     state = optimizer.state if optimizer is not None else {}
     with torch.no_grad():
         for c in cuts:
             if c.param is not None:
-                for axis, index, _, shape, _ in c.steps:
-                    slice_grad_and_state(c.param, shape, axis, index, state)
+                slice_grad_and_state(c.param, [(shape, axis, kept) for axis, kept, _, shape, _ in c.steps], state)
     return finish(analysis, sizes_before, params_before, start), err, check

@@ -14,7 +14,7 @@ from ptgraph.passes.groups import ChannelAnalysis
 from ptgraph.passes.plan import PrunePlan
 from ptgraph.passes.plan import random_plan
 from ptgraph.passes.shrink import count_params, keep_every_tensor, mask, predict_params, shrink
-from ptgraph.passes.trial import relative_error, shrunk_and_masked
+from ptgraph.passes.trial import eval_mode, relative_error, shrunk_and_masked
 
 TOLERANCE = 1e-4  # relative, float32
 
@@ -77,13 +77,11 @@ def shrink_error(analysis: ChannelAnalysis, plan: PrunePlan, inputs: tuple, comp
     `inputs`; inf if the shrink or the shrunk forward fails (without `compare`, 0 if it runs). Tried in place
     and undone (passes/trial.py): the model is left exactly as it was, and the only extra memory is the
     dropped slices that are not zero already."""
-    gm = analysis.graph.module
-    was_training = gm.training
-    gm.eval()
+    restore_modes = eval_mode(analysis.graph.module)
     try:
         outputs = shrunk_and_masked(analysis, plan, inputs, flat_output, masked=compare)
     finally:
-        gm.train(was_training)
+        restore_modes()
     if outputs is None:
         return float("inf")
     return relative_error(*outputs) if compare else 0.0

@@ -31,7 +31,11 @@ def load_and_trace(args: argparse.Namespace) -> tuple[Any, Any, tuple, dict[str,
     from ptgraph.inputs import check_input_count, make_inputs, token_vocab
     from ptgraph.specs import build_model, default_input_dtype, default_input_shape
 
-    model = build_model(args.model)
+    if getattr(args, "meta", False):
+        with torch.device("meta"):  # shapes without values: nothing of the weights is allocated
+            model = build_model(args.model)
+    else:
+        model = build_model(args.model)
     model.train(args.mode == "train")
     shapes = [parse_shape(s) for s in args.input_shape] if args.input_shape else [default_input_shape(args.model, model)]
     check_input_count(model, len(shapes))
@@ -80,6 +84,22 @@ def summary(analysis: Any, seconds: dict[str, float]) -> dict[str, Any]:
     }
 
 
+def shape_plan_summary(analysis: Any, share: float, round_to: int) -> dict[str, Any]:
+    """The uniform plan of shapes to `share` of the FLOPs (no weights needed): its FLOPs, parameters, widths."""
+    from ptgraph.passes import count_params, predict_params
+    from ptgraph.trainers.planning import shape_plan
+
+    if not 0 < share <= 1:
+        raise UserError(f"--target-flops {share:g} is not a share of the dense FLOPs; give a number in (0, 1], e.g. 0.5")
+    start = time.perf_counter()
+    plan, flops = shape_plan(analysis, share, max(1, round_to))
+    seconds = time.perf_counter() - start
+    sizes = {g.id: g.size for g in analysis.groups}
+    return {"target_flops": share, "flops": flops, "params": predict_params(analysis, plan),
+            "params_before": count_params(analysis.graph.module), "seconds": seconds,
+            "widths": {gid: [sizes[gid], len(keep)] for gid, keep in sorted(plan.keep.items())}}
+
+
 def _print_report(info: dict[str, Any], model: str) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -100,6 +120,14 @@ def _print_report(info: dict[str, Any], model: str) -> None:
         f"(conv channels {info['conv_prunable_fraction']:.1%}); {info['flops'] / 1e9:.3f} GFLOPs/sample; "
         f"trace {info['seconds']['trace']:.3f} s, analysis {info['seconds']['analyze']:.3f} s"
     )
+    if "plan" in info:
+        p = info["plan"]
+        widths = ", ".join(f"g{g}: {a}->{b}" for g, (a, b) in list(p["widths"].items())[:8])
+        more = f" (+{len(p['widths']) - 8} more)" if len(p["widths"]) > 8 else ""
+        console.print(f"plan to {p['target_flops']:g} of the FLOPs (uniform, each group's first channels: shapes "
+                      f"only, training ranks channels by their norms): {p['flops'] / 1e9:.3f} GFLOPs/sample "
+                      f"({p['flops'] / max(info['flops'], 1):.1%}); parameters {p['params_before']:,} -> "
+                      f"{p['params']:,}; {widths}{more}; planned in {p['seconds']:.2f} s")
     if not info["original_module_runs_pruned"]:
         console.print("note: a shrink rewrites graph constants (reshape sizes, split sections); "
                       "run and export the traced graph module, not the original object")
@@ -123,8 +151,13 @@ def _print_report(info: dict[str, Any], model: str) -> None:
 def cmd_analyze(args: argparse.Namespace) -> int:
     from ptgraph.passes.verify import exercise_zero_params, verify
 
+    if args.meta and (args.verify or args.onnx):
+        raise UserError("--verify and --onnx run the model, and --meta builds it without weights; leave out --meta to "
+                        "verify (or --verify to plan the shapes of a model too large for this machine)")
     _, analysis, inputs, seconds = load_and_trace(args)
     info = summary(analysis, seconds)
+    if args.target_flops is not None:
+        info["plan"] = shape_plan_summary(analysis, args.target_flops, args.round_to)
     if args.draw:  # before --verify, which shrinks the model
         from ptgraph.draw import draw
 
@@ -370,6 +403,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", action="store_true", help="with --verify: also export the shrunk model and check it in onnxruntime")
     p.add_argument("--draw", default=None, metavar="FILE",
                    help="draw the graph coloured by channel group, frozen ones marked, to FILE (.svg, .png or .pdf)")
+    p.add_argument("--meta", action="store_true",
+                   help="build the model on the meta device (shapes, no weights): analyse and plan models too large "
+                        "for this machine")
+    p.add_argument("--target-flops", type=float, default=None, metavar="SHARE",
+                   help="also plan the model's shapes to SHARE of its FLOPs (uniform widths) and report the plan")
+    p.add_argument("--round-to", type=int, default=1, help="with --target-flops: widths in multiples of this")
     p.set_defaults(run=cmd_analyze)
     p = sub.add_parser("export", help="export a pruned run (or a model spec) to ONNX, checked against onnxruntime")
     p.add_argument("source", nargs="?", default=None, help="a prune-train run directory or its checkpoint.pt")

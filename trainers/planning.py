@@ -12,7 +12,8 @@ import numpy as np
 
 from ptgraph.passes import ChannelAnalysis, PrunePlan, keep_every_tensor
 from ptgraph.passes.predict import predicted_flops
-from ptgraph.trainers.allocation import keep_channels, relative_norms
+from ptgraph.cost import forward_flops
+from ptgraph.trainers.allocation import keep_channels, relative_norms, uniform_order
 
 
 def threshold_plan(analysis: ChannelAnalysis, norms: dict[int, np.ndarray], cut: float, round_to: int,
@@ -78,3 +79,21 @@ def deepest(plan_of: Callable[[int], PrunePlan], n: int, floor: float, flops_of:
     if nearest and floor - flops_of(plan_of(hi)) < flops_of(plan_of(lo)) - floor:
         return hi, plan_of(hi)
     return lo, plan_of(lo)
+
+
+def shape_plan(analysis: ChannelAnalysis, share: float, round_to: int = 1) -> tuple[PrunePlan, int]:
+    """A plan of shapes alone, for a model whose weights do not exist yet (built on the meta device) or are
+    not wanted: every prunable group keeps the same share of its channels (its first ones, as there are no
+    norms to rank them), the deepest such plan at or over `share` of the FLOPs now. Returns the plan and its
+    forward FLOPs per sample. Training chooses the channels by their norms; this prices a target."""
+    zeros = {g.id: np.zeros(g.size) for g in analysis.groups if g.prunable}
+    order = uniform_order(zeros, {gid: len(n) for gid, n in zeros.items()})
+    now = forward_flops(analysis.graph.module)
+
+    def flops_of(plan: PrunePlan) -> int:
+        return predicted_flops(analysis, plan) if plan.keep else now
+
+    _, plan = deepest(lambda i: uniform_plan(analysis, zeros, order[:i], round_to), len(order) + 1, share * now,
+                      flops_of)
+    return plan, flops_of(plan)
+

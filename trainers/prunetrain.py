@@ -107,6 +107,11 @@ class PruneTrain:
             until = max(reconfig_steps, until // reconfig_steps * reconfig_steps)  # the last reconfiguration's step
             self.schedule = FlopsSchedule(target_flops, until, prune_schedule)
         self.graph = model if isinstance(model, Graph) else trace(model, example_inputs, leaf_modules, ignore)
+        if any(p.is_meta for p in self.graph.module.parameters()):
+            raise UserError("the model's parameters are on the meta device (shapes without values), and PruneTrain "
+                            "needs values for the lasso, the channel norms and the self-check; price a plan with "
+                            "ptgraph.trainers.planning.shape_plan(analysis, share) instead, or materialise the model "
+                            "first (model.to_empty(device=...), then load its weights)")
         self.probe = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
         self.self_check = self_check  # every plan is tried on a copy against its mask before it is kept
         self.frozen: set[int] = set()  # groups whose shrink failed that check: never pruned again in this run
