@@ -8,7 +8,8 @@ model is masked in place and run, shrunk in place and run again. Two uses:
 - `checked_shrink` keeps the shrink when the outputs agree (and then slices gradients and
   optimizer state), and undoes it when they do not: one slicing pass, two forwards;
 - `shrunk_and_masked` always undoes it, for a check that must leave the model as it was (the
-  one-group-at-a-time search for the groups that fail).
+  one-group-at-a-time search for the groups that fail); `masked_output` only masks, for measuring what
+  a plan would take from the model's function.
 
 Undoing expands each tensor back with zeros in the dropped positions and writes the saved slices
 in. Parameters keep their identity throughout; the extra memory is the saved slices (plus one
@@ -206,6 +207,21 @@ def shrunk_and_masked(analysis: ChannelAnalysis, plan: PrunePlan, inputs: tuple,
         _undo(cuts)
         if graph.changed():
             graph.restore()
+
+
+def masked_output(analysis: ChannelAnalysis, plan: PrunePlan, inputs: tuple, flatten: Flatten) -> Any:
+    """The output (flattened) of the model masked by `plan`, computed in place under no_grad in the model's
+    current mode; the dropped values are set aside and written back, so the model ends exactly as it was."""
+    gm = analysis.graph.module
+    cuts: list[_Cut] = []
+    try:
+        with torch.no_grad():
+            cuts = [_save(gm, n, a) for n, a in _slices(analysis.flow, alive_after(analysis, plan)).items()]
+            for c in cuts:
+                _zero(c)
+            return flatten(gm(*inputs))
+    finally:
+        _undo(cuts)
 
 
 def checked_shrink(analysis: ChannelAnalysis, plan: PrunePlan, inputs: tuple, flatten: Flatten, tolerance: float,

@@ -318,7 +318,7 @@ def test_output_change_is_zero_for_channels_at_zero_and_leaves_the_model_alone()
     drop_first = keep_every_tensor(analysis, PrunePlan({g.id: tuple(range(1, g.size))}))
     x = (torch.randn(4, 3, 8, 8),)
     live = output_change(graph, analysis, {g.id: drop_first}, x)[g.id]
-    assert all(torch.equal(v, before[k]) for k, v in graph.module.state_dict().items())  # masks went on copies
+    assert all(torch.equal(v, before[k]) for k, v in graph.module.state_dict().items())  # the masks were undone
     with torch.no_grad():
         for m in graph.module.modules():  # channel 0 of the group at zero everywhere it lives
             if isinstance(m, (torch.nn.Conv2d, torch.nn.BatchNorm2d)) and m.weight.shape[0] == g.size:

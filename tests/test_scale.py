@@ -18,15 +18,14 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch import nn
 
 import ptgraph
 from ptgraph.cli import main
 from ptgraph.cost import forward_flops
 from ptgraph.errors import UserError
-from ptgraph.passes import PrunePlan, analyze_channels, keep_every_tensor, random_plan, shrink
+from ptgraph.passes import PrunePlan, analyze_channels, keep_every_tensor, mask, random_plan, shrink
 from ptgraph.passes.predict import predicted_flops
-from ptgraph.passes.trial import checked_shrink
+from ptgraph.passes.trial import checked_shrink, masked_output
 from ptgraph.passes.verify import flat_output, shrink_error
 from ptgraph.trainers.planning import shape_plan
 from strategies import architectures
@@ -162,6 +161,21 @@ def test_the_undoing_check_leaves_the_model_exactly_as_it_was(arch, data):
         return
     snap = _snapshot(analysis)
     assert shrink_error(analysis, plan, (x,)) <= 1e-4
+    _assert_same(analysis, snap)
+
+
+@settings(max_examples=examples(15), **SETTINGS)
+@given(arch=architectures(), data=st.data())
+def test_masking_in_place_computes_what_a_masked_copy_does_and_is_undone(arch, data):
+    _, analysis, x = _traced(arch)
+    plan = keep_every_tensor(analysis, data.draw(drawn_plans(pruning_groups(analysis))))
+    if not plan.keep:
+        return
+    snap = _snapshot(analysis)
+    with torch.no_grad():
+        want = flat_output(mask(copy.deepcopy(analysis.graph.module), analysis, plan)(x))
+    got = masked_output(analysis, plan, (x,), flat_output)
+    assert torch.equal(got, want)
     _assert_same(analysis, snap)
 
 

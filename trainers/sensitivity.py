@@ -9,7 +9,6 @@ the function is the model's own answer to the shape. Which channels of a group g
 """
 from __future__ import annotations
 
-import copy
 import math
 from typing import Any, Callable
 
@@ -18,7 +17,8 @@ import torch
 
 from ptgraph.graph import Graph
 from ptgraph.passes import ChannelAnalysis, PrunePlan
-from ptgraph.passes.shrink import keep_every_tensor, mask
+from ptgraph.passes.shrink import keep_every_tensor
+from ptgraph.passes.trial import eval_mode, masked_output
 from ptgraph.passes.verify import flat_output
 
 CHUNK = 0.1  # share of a group's dense channels whose removal is measured
@@ -28,15 +28,19 @@ MAX_TILT = 2.0  # a group's kept share is scaled by at most this much either way
 @torch.no_grad()
 def output_change(graph: Graph, analysis: ChannelAnalysis, plans: dict[int, PrunePlan], inputs: tuple) -> dict[int, float]:
     """Per group: the squared change of the model's output (eval mode, `inputs`) when its plan is applied as a
-    mask, relative to the output's squared norm. The model is untouched (masks go on copies)."""
-    model = copy.deepcopy(graph.module).eval()
-    want = flat_output(model(*inputs))
-    scale = float((want ** 2).sum()) or 1.0
-    out = {}
-    for gid, plan in plans.items():
-        got = flat_output(mask(copy.deepcopy(model), analysis, plan)(*inputs))
-        out[gid] = float(((got - want) ** 2).sum()) / scale if got.shape == want.shape else float("inf")
-    return out
+    mask, relative to the output's squared norm. The masks go on the model in place and are undone
+    (passes/trial.py: `masked_output`), so nothing is copied and the model ends as it was."""
+    restore_modes = eval_mode(graph.module)
+    try:
+        want = flat_output(graph.module(*inputs))
+        scale = float((want ** 2).sum()) or 1.0
+        out = {}
+        for gid, plan in plans.items():
+            got = masked_output(analysis, plan, inputs, flat_output)
+            out[gid] = float(((got - want) ** 2).sum()) / scale if got.shape == want.shape else float("inf")
+        return out
+    finally:
+        restore_modes()
 
 
 def tilts(change: dict[int, float], saved_flops: dict[int, float]) -> dict[int, float]:
