@@ -3,6 +3,7 @@ trains, saved as an ordinary Hugging Face checkpoint and reloaded with AutoModel
 
     python examples/hf_trainer.py --steps 40 --out runs/hf-llama                       # train, prune, save
     python examples/hf_trainer.py --steps 80 --out runs/hf-llama --resume runs/hf-llama/checkpoint-20
+    torchrun --nproc-per-node 2 examples/hf_trainer.py --steps 40 --out runs/hf-llama-ddp         # DDP (gloo on CPUs)
 
 Tiny config and synthetic tokens (a repeating pattern plus noise), so it runs anywhere in seconds; for a real
 model, load it with from_pretrained and give the Trainer your tokenised data: the callback line is the same.
@@ -13,9 +14,9 @@ import argparse
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, TrainingArguments
 
-from ptgraph.integrations.hf import PruneTrainCallback
+from ptgraph.integrations.hf import PruneTrainCallback, PruneTrainer
 
 
 class Tokens(torch.utils.data.Dataset):
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--prune-until", type=float, default=0.5)
     p.add_argument("--save-steps", type=int, default=20)
     p.add_argument("--resume", default=None, help="a checkpoint-N folder of an earlier run with the same --out")
+    p.add_argument("--rank-out", default=None, help="write each rank's weights, plans and logits here (rank{r}.pt)")
     a = p.parse_args(argv)
 
     torch.manual_seed(0)
@@ -54,10 +56,20 @@ def main(argv: list[str] | None = None) -> dict:
                              lr_scheduler_type="cosine", logging_steps=5, save_steps=a.save_steps, report_to=[],
                              use_cpu=True, disable_tqdm=True, seed=0)
     callback = PruneTrainCallback(target_flops=a.target_flops, prune_until=a.prune_until)
-    trainer = Trainer(model=model, args=args, train_dataset=Tokens(512, 32, config.vocab_size), callbacks=[callback])
+    # PruneTrainer is transformers.Trainer whose steps follow the shrinks with a new DDP wrapper under torchrun
+    trainer = PruneTrainer(model=model, args=args, train_dataset=Tokens(512, 32, config.vocab_size),
+                           callbacks=[callback])
     trainer.train(resume_from_checkpoint=a.resume)
     final = Path(a.out) / "final"
-    trainer.save_model(str(final))  # config.json with the pruned widths, model.safetensors
+    trainer.save_model(str(final))  # rank 0 writes config.json with the pruned widths, model.safetensors
+    trainer.accelerator.wait_for_everyone()
+    if a.rank_out:
+        Path(a.rank_out).mkdir(parents=True, exist_ok=True)
+        with torch.no_grad():
+            logits = model.eval()(torch.arange(2, 18).unsqueeze(0)).logits
+        torch.save({"state": model.state_dict(), "plans": [p.to_json() for p in callback.pt.plans],
+                    "flops_share": callback.pt.flops / callback.pt.dense_flops, "logits": logits},
+                   Path(a.rank_out) / f"rank{args.process_index}.pt")
 
     reloaded = AutoModelForCausalLM.from_pretrained(final).eval()
     prompt = torch.arange(2, 8).unsqueeze(0)

@@ -183,3 +183,45 @@ def test_the_example_script_prunes_saves_reloads_and_resumes(tmp_path):
     assert first["num_attention_heads"] == 2 * first["num_key_value_heads"]
     again = example.main(["--steps", "10", "--save-steps", "5", "--out", str(out), "--resume", str(out / "checkpoint-5")])
     assert again == first  # resumed from a checkpoint after pruning began: the same model
+
+
+def test_two_processes_under_torchrun_end_identical_and_save_a_standard_checkpoint(tmp_path):
+    """PruneTrainer on 2 gloo processes (examples/hf_trainer.py under torchrun): rank 0 plans, both shrink alike and
+    train on through a rebuilt DDP wrapper (a stale one leaves the ranks apart, silently), and rank 0's save_model
+    output reloads with the pruned model's logits and half the dense FLOPs, counted by torch."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(root / "examples" / "hf_trainer.py"), "--steps", "10", "--save-steps", "1000",
+           "--out", str(tmp_path / "run"), "--rank-out", str(tmp_path / "ranks")]
+    done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / "ranks" / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["plans"] == r1["plans"] and len(r0["plans"]) >= 2
+    assert r0["state"].keys() == r1["state"].keys()
+    assert all(torch.equal(r0["state"][k], r1["state"][k]) for k in r0["state"])
+    reloaded = load_quietly(tf.AutoModelForCausalLM, tmp_path / "run" / "final")
+    assert {k: v.shape for k, v in reloaded.state_dict().items()} == {k: v.shape for k, v in r0["state"].items()}
+    x = torch.arange(2, 18).unsqueeze(0)  # the example's probe
+    with torch.no_grad():
+        assert (reloaded(x).logits - r0["logits"]).abs().max() <= 1e-5
+    share = flops(reloaded, x) / flops(llama().eval(), x)  # the example's config is this file's llama()
+    assert abs(share - 0.5) <= 0.05 and abs(r0["flops_share"] - share) <= 0.05, share
+
+
+def test_a_plain_trainer_under_torchrun_and_a_prunetrainer_without_the_callback_are_refused(tmp_path):
+    from types import SimpleNamespace
+
+    from ptgraph.integrations.hf import PruneTrainer
+
+    trainer, cb = make_trainer("llama", tmp_path / "run")
+    args = SimpleNamespace(world_size=2)
+    with pytest.raises(UserError, match="use ptgraph.integrations.hf.PruneTrainer in place of Trainer"):
+        cb.on_train_begin(args, trainer.state, trainer.control, model=trainer.model, optimizer=None)
+    with pytest.raises(UserError, match="its callbacks hold 0; pass callbacks=\\[PruneTrainCallback"):
+        PruneTrainer(model=llama(), args=trainer.args, train_dataset=Data("lm"))

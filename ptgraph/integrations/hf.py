@@ -8,10 +8,14 @@ The Trainer keeps training its own model object: the callback traces it (torch.e
 `config` allocation so that every shrink leaves a shape its config expresses, and after each shrink rewrites
 the config and rebuilds the model's Python side from it (hf_config.adopt), so the Trainer's forward, `generate`
 and `save_pretrained` see the model of its family it now is. docs/DESIGN_NOTES.md, "Hugging Face integration".
+
+Under torchrun, use `PruneTrainer` in place of `Trainer` (the same arguments): the Trainer holds its DDP wrapper
+where no callback reaches it, and PruneTrainer's training step runs through one rebuilt after each shrink.
 """
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from typing import Any, Iterator
 
@@ -27,13 +31,13 @@ from ptgraph.trainers.prunetrain import PruneTrain
 from ptgraph.trainers.uniform_blocks import config_blocks
 
 try:
-    from transformers import TrainerCallback
+    from transformers import Trainer, TrainerCallback
 except ImportError as e:  # pragma: no cover - the extra is missing
     raise ImportError("ptgraph.integrations.hf needs transformers: pip install 'ptgraph[transformers]'") from e
 
 STATE_FILE = "ptgraph_prunetrain.pt"  # beside the Trainer's own files in every checkpoint-N folder
 
-__all__ = ["PruneTrainCallback", "adopt_pruned", "example_inputs", "save_pruned"]
+__all__ = ["PruneTrainCallback", "PruneTrainer", "adopt_pruned", "example_inputs", "save_pruned"]
 
 
 def example_inputs(model: nn.Module, batch: int = 2, length: int = 16) -> tuple[torch.Tensor]:
@@ -111,7 +115,7 @@ class PruneTrainCallback(TrainerCallback):
     """PruneTrain during `Trainer.train()`: brings the model to `target_flops` of its dense forward FLOPs by
     `prune_until` of the optimizer steps (steered proximal group lasso, `config` allocation), shrinking the
     model, the optimizer's state and the config in place; logs `flops_share` and `lasso_lambda`; resumes from
-    the Trainer's checkpoints (its state is saved beside them). Single process."""
+    the Trainer's checkpoints (its state is saved beside them). Under torchrun, with `PruneTrainer`."""
 
     def __init__(self, target_flops: float = 0.5, prune_until: float = DEFAULT_PRUNE_UNTIL, *,
                  reconfigurations: int = 8, width_multiple: int = 8, prune_schedule: str = "cubic",
@@ -122,6 +126,8 @@ class PruneTrainCallback(TrainerCallback):
         self.pt: PruneTrain | None = None
         self.model: nn.Module | None = None
         self.resumed_shapes = False  # the model was shrunk to a checkpoint's shapes before its weights loaded
+        self.shrinks = 0  # reconfigurations that changed shapes in this process: PruneTrainer rebuilds DDP after each
+        self.ddp_follows = False  # set by PruneTrainer, whose training step follows the shrinks with a new DDP
         self._graph = None  # the trace made then, handed to PruneTrain
 
     # -- set-up ----------------------------------------------------------------------------------------------
@@ -133,10 +139,10 @@ class PruneTrainCallback(TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None,
                        optimizer: Any = None, **kwargs: Any) -> None:
-        if args.world_size > 1:
-            raise UserError("PruneTrainCallback runs in a single process: under torchrun the Trainer's DDP wrapper "
-                            "keeps the shapes it was built with and cannot follow a shrink; train on one process "
-                            "(docs/DESIGN_NOTES.md, 'Hugging Face integration')")
+        if args.world_size > 1 and not self.ddp_follows:
+            raise UserError("under torchrun the Trainer's DDP wrapper keeps the shapes it was built with and cannot "
+                            "follow a shrink; use ptgraph.integrations.hf.PruneTrainer in place of Trainer (the same "
+                            "arguments), whose training step runs through a DDP wrapper rebuilt after each shrink")
         model = model or self.model
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
         inputs = self.inputs if self.inputs is not None else example_inputs(model)
@@ -159,8 +165,9 @@ class PruneTrainCallback(TrainerCallback):
         pt = self.pt
         pt.after_step()
         if pt.reconfiguration_due():
-            if pt.reconfigure() is not None:
+            if pt.reconfigure() is not None:  # under torchrun: rank 0's plan, the same answer on every rank
                 adopt_pruned(self.model, pt)
+                self.shrinks += 1
             control.should_log = True
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
@@ -220,3 +227,51 @@ class PruneTrainCallback(TrainerCallback):
         shrink(analysis, PrunePlan(keep), None)
         adopt(module, pruned_config(module, blocks, analysis))
         self.resumed_shapes, self._graph = True, graph
+
+
+class PruneTrainer(Trainer):
+    """`transformers.Trainer` that PruneTrainCallback can prune under torchrun; in one process it is the Trainer.
+
+    Why a subclass: the Trainer builds its DistributedDataParallel wrapper once (accelerate's `prepare`) and keeps
+    it in a local variable of its training loop, which hands it to every `training_step`; after a shrink that
+    wrapper's buckets hold the old shapes, and no callback can reach it. So `training_step` here runs through a
+    wrapper rebuilt with accelerate's DDP options after each shrink (and made `model_wrapped`); the Trainer's loop,
+    its `no_sync` during gradient accumulation (mirrored onto the new wrapper), clipping, logging and saving stay
+    its own. The old wrapper is left unused: its reducer's hooks ignore a backward it did not run the forward of.
+    Pass the callback as usual: `PruneTrainer(model, args, ..., callbacks=[PruneTrainCallback(...)])`.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        found = [c for c in self.callback_handler.callbacks if isinstance(c, PruneTrainCallback)]
+        if len(found) != 1:
+            raise UserError(f"PruneTrainer follows one PruneTrainCallback's shrinks, and its callbacks hold "
+                            f"{len(found)}; pass callbacks=[PruneTrainCallback(...)]")
+        self.prune = found[0]
+        self.prune.ddp_follows = True
+        self._held: nn.Module | None = None  # the Trainer's own wrapper, as its loop passes it
+        self._ddp: nn.Module | None = None  # the wrapper steps run through
+        self._built_at = 0  # the callback's shrink count when _ddp was built
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = self._following(model)
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def _following(self, held: nn.parallel.DistributedDataParallel) -> nn.parallel.DistributedDataParallel:
+        """The DDP wrapper for the model's current shapes: the Trainer's until the first shrink, then rebuilt."""
+        shrinks = self.prune.shrinks
+        if held is not self._held:  # a train() call: the Trainer wrapped the model as it is now
+            self._held, self._ddp, self._built_at = held, held, shrinks
+        if self._built_at != shrinks:
+            self._ddp = self.model_wrapped = None
+            gc.collect()  # frees the previous rebuilt wrapper's reducer before the new one registers its hooks
+            handler = self.accelerator.ddp_handler
+            self._ddp = nn.parallel.DistributedDataParallel(
+                held.module, device_ids=held.device_ids, output_device=held.output_device,
+                **(handler.to_kwargs() if handler is not None else {}))
+            if handler is not None:
+                handler.register_comm_hook(self._ddp)
+            self.model_wrapped, self._built_at = self._ddp, shrinks
+        self._ddp.require_backward_grad_sync = held.require_backward_grad_sync  # the loop's no_sync is on `held`
+        return self._ddp
