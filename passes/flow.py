@@ -76,7 +76,8 @@ class Context:
             return {}
         t = self.flow.types.get(value)
         if t is None and value.op == "get_attr":
-            t = self.flow.types[value] = self.attr_type(value.target, value.meta.get("shape"))
+            index = _is_index(value.meta.get("dtype"))  # position ids, relative-position tables: no channels
+            t = self.flow.types[value] = {} if index else self.attr_type(value.target, value.meta.get("shape"))
         return t if isinstance(t, dict) else {}
 
     def shape_of(self, value: Any) -> tuple | None:
@@ -144,6 +145,12 @@ class Context:
     def rewrite(self, fn: OnShrink) -> None:
         """After each shrink, fn rewrites a constant of this node (the graph is recompiled)."""
         self.flow.graph_rewrites.append(fn)
+
+
+def _is_index(dtype: Any) -> bool:
+    """An integer or boolean tensor attribute holds indices or flags: its axes are positions, not channels.
+    Untyped, an axis it shares with channels keeps them fixed wherever it meets them (unify_aligned)."""
+    return isinstance(dtype, torch.dtype) and not (dtype.is_floating_point or dtype.is_complex)
 
 
 def set_arg(node: fx.Node, index: int, name: str, value: Any) -> None:

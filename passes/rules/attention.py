@@ -164,7 +164,7 @@ def _walk_back(gm: fx.GraphModule, start: fx.Node, start_axis: int, found: dict[
         module = gm.get_submodule(node.target) if node.op == "call_module" else None
         rule_fn = lookup(node, module)
         x = node.args[0] if node.args else None
-        if rule_fn in (shape.view, shape.unflatten, shape.reshape_by_shapes) and _shape(x) is not None:
+        if rule_fn in (shape.view, shape.unflatten, shape.unflatten_module, shape.reshape_by_shapes) and _shape(x) is not None:
             blocks = shape._blocks(_shape(x), out) or []
             for ins, outs in blocks:
                 if axis not in outs:

@@ -8,10 +8,11 @@ are pruned whole and `groups` shrinks with them, which keeps every remaining blo
 from __future__ import annotations
 
 import numpy as np
+import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ptgraph.passes.flow import Context, Counter, NodeType, freeze_everything, set_arg
+from ptgraph.passes.flow import ChannelFlow, Context, Counter, NodeType, freeze_everything, set_arg
 from ptgraph.passes.rules import aten, leaf_rule, rule
 
 
@@ -121,7 +122,43 @@ def _functional(transposed: bool):
     return conv_function
 
 
-rule(F.conv1d, F.conv2d, F.conv3d, *aten("conv1d.default", "conv2d.default", "conv3d.default", "conv1d.padding",
-                                          "conv2d.padding", "conv3d.padding"))(_functional(False))
-rule(F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
-     *aten("conv_transpose1d.default", "conv_transpose2d.input", "conv_transpose3d.input"))(_functional(True))
+conv_function = rule(F.conv1d, F.conv2d, F.conv3d, *aten("conv1d.default", "conv2d.default", "conv3d.default",
+                                                          "conv1d.padding", "conv2d.padding", "conv3d.padding"))(
+    _functional(False))
+conv_transpose_function = rule(F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
+                               *aten("conv_transpose1d.default", "conv_transpose2d.input", "conv_transpose3d.input"))(
+    _functional(True))
+
+
+def feature_map_axes(flow: ChannelFlow) -> dict[fx.Node, int]:
+    """Reshape node -> 1, for every reshape that splits features into (C, H, W) on the way to an op that reads
+    axis 1 of a feature map as channels (a conv, a batch norm): `Linear(512, 4096)` then `view(-1, 256, 4, 4)`.
+    The reshape rule then tracks C (each channel a run of H*W features) instead of the innermost part, which
+    the conv would freeze as channels on a spatial axis. Computed once per graph, only where a reshape splits."""
+    if "feature_map_axes" not in flow.hints:
+        from ptgraph.passes.rules import lookup
+        from ptgraph.passes.rules.attention import _shape, _walk_back
+        from ptgraph.passes.rules.norm import batch_norm_function, batch_norm_module
+
+        readers = {conv_module, std_conv, conv_function, conv_transpose_function, batch_norm_module,
+                   batch_norm_function}
+        gm = flow.graph.module
+        nodes = list(gm.graph.nodes)
+        found: dict[fx.Node, int] = {}
+        if any(_splits(n) for n in nodes):
+            for node in nodes:
+                if node.op not in ("call_function", "call_module") or not node.args:
+                    continue
+                x = node.args[0]
+                module = gm.get_submodule(node.target) if node.op == "call_module" else None
+                if isinstance(x, fx.Node) and len(_shape(x) or ()) >= 3 and lookup(node, module) in readers:
+                    _walk_back(gm, x, 1, found)
+        flow.hints["feature_map_axes"] = found
+    return flow.hints["feature_map_axes"]
+
+
+def _splits(node: fx.Node) -> bool:
+    """A call whose output has more axes than its first input: a candidate reshape."""
+    x = node.args[0] if node.op in ("call_function", "call_method", "call_module") and node.args else None
+    out, src = node.meta.get("shape"), x.meta.get("shape") if isinstance(x, fx.Node) else None
+    return isinstance(out, tuple) and isinstance(src, tuple) and len(out) > len(src)

@@ -49,11 +49,35 @@ for _k, _targets in _SPATIAL.items():
     rule(*_targets)(_spatial(_k))
 # timm's TF "same"-padded pools (padding from the input size at run time: control flow fx cannot trace)
 leaf_rule("timm.layers.pool2d_same.MaxPool2dSame", "timm.layers.pool2d_same.AvgPool2dSame")(_spatial(2))
-rule(F.interpolate, nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, F.pad, "pad",
+rule(F.interpolate, nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d,
      *aten("upsample_nearest1d.vec", "upsample_nearest2d.vec", "upsample_nearest3d.vec", "upsample_linear1d.vec",
-           "upsample_bilinear2d.vec", "upsample_bicubic2d.vec", "upsample_trilinear3d.vec", "pad.default",
-           "constant_pad_nd.default", "reflection_pad1d.default", "reflection_pad2d.default",
-           "replication_pad1d.default", "replication_pad2d.default"))(_spatial(None))
+           "upsample_bilinear2d.vec", "upsample_bicubic2d.vec", "upsample_trilinear3d.vec"))(_spatial(None))
+
+
+@rule(F.pad, "pad", *aten("pad.default", "constant_pad_nd.default", "reflection_pad1d.default",
+                          "reflection_pad2d.default", "reflection_pad3d.default", "replication_pad1d.default",
+                          "replication_pad2d.default", "replication_pad3d.default"),
+      *(getattr(nn, f"{kind}Pad{k}d") for kind in ("Zero", "Constant", "Reflection", "Replication", "Circular")
+        for k in (1, 2, 3) if hasattr(nn, f"{kind}Pad{k}d")))
+def pad(ctx: Context) -> NodeType:
+    """F.pad(x, (left, right, top, bottom, ...)) pads the last len(pad) // 2 axes, the last axis first. Only the
+    axes actually padded (a pair that is not literally (0, 0)) freeze their channels: a channels-last map
+    padded on H and W keeps its channel axis, whatever the layout."""
+    x = ctx.arg(0, "input")
+    amounts = ctx.module.padding if ctx.module is not None else ctx.arg(1, "pad", ctx.arg(1, "padding"))
+    shape = ctx.shape_of(x)
+    if shape is None or not isinstance(amounts, (list, tuple)) or len(amounts) % 2 or len(amounts) > 2 * len(shape):
+        return freeze_everything(ctx)
+    nd = len(shape)
+    padded = {nd - 1 - i for i in range(len(amounts) // 2)
+              if any(not isinstance(v, int) or v != 0 for v in amounts[2 * i:2 * i + 2])}
+    t = {}
+    for axis, ids in ctx.type_of(x).items():
+        if axis in padded:
+            ctx.freeze(ids, f"channels on a padded axis ({ctx.node.name})")
+        else:
+            t[axis] = ids
+    return t
 
 
 def _dims(dim: object, nd: int) -> set[int] | None:

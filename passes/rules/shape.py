@@ -10,6 +10,8 @@ after a shrink.
 """
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 import torch
 import torch.fx as fx
@@ -77,35 +79,112 @@ def _rewrite_sizes(ctx: Context, out_type: TensorType, arg_index: int) -> None:
     """After a shrink, the sizes of tracked output axes in node.args[arg_index:] are set to their
     channel counts: literal sizes, and sizes computed at run time (`C // heads` with `C` read off
     another tensor, which need not have shrunk alike). A tracked axis holds channels born at
-    parameters, so its size never depends on the input and a literal is always right."""
+    parameters, so its size never depends on the input and a literal is always right. Untracked
+    axes sized from channel counts keep their traced size (`_sizes_from_channels`)."""
     node = ctx.node
     flat = len(node.args) == arg_index + 1 and isinstance(node.args[arg_index], (tuple, list))
     sizes = list(node.args[arg_index]) if flat else list(node.args[arg_index:])
     literal = {a: ids for a, ids in out_type.items()
                if a < len(sizes) and (isinstance(sizes[a], fx.Node) or (isinstance(sizes[a], int) and sizes[a] != -1))}
-    if not literal:
+    kept = _sizes_from_channels(ctx, sizes, out_type)
+    if not literal and not kept:
         return
 
     def fix(count: Counter) -> None:
         new = list(sizes)
         for a, ids in literal.items():
             new[a] = count(ids)
+        for a, size in kept.items():
+            new[a] = size
         node.args = node.args[:arg_index] + ((type(node.args[arg_index])(new),) if flat else tuple(new))
 
     ctx.rewrite(fix)
 
 
+_ARITH = {operator.floordiv, operator.mul, operator.add, operator.sub, operator.mod, operator.truediv, int,
+          *aten("sym_size.int")}
+
+
+def _sizes_from_channels(ctx: Context, sizes: list, out_type: TensorType) -> dict[int, int]:
+    """Untracked output axes whose size the graph computes from channel counts read at run time (Swin's
+    head dim `C // heads`, C read off the stream): after a shrink the computed value would change while the
+    axis keeps its size. Where only channel counts feed it (no input size), its traced value is right for
+    every input and replaces it; where input sizes feed it too, the channels read are frozen."""
+    kept: dict[int, int] = {}
+    for a, size in enumerate(sizes):
+        if a in out_type or not isinstance(size, fx.Node) or a >= len(ctx.out_shape):
+            continue
+        channels, other = _size_reads(ctx, size)
+        if channels and not other:
+            kept[a] = ctx.out_shape[a]
+        elif channels:
+            for ids in channels:
+                ctx.freeze(ids, f"{ctx.node.name}: a size computed from channels and input sizes")
+    return kept
+
+
+def _size_reads(ctx: Context, size: fx.Node) -> tuple[list[np.ndarray], bool]:
+    """The channel axes whose sizes an integer expression reads (x.shape[d], x.size(d) of a tracked axis d),
+    and whether it reads anything else (an untracked size, a value the walk does not follow)."""
+    channels, other, stack, seen = [], False, [size], set()
+    while stack:
+        n = stack.pop()
+        if not isinstance(n, fx.Node) or n in seen:
+            continue
+        seen.add(n)
+        read = _size_read(n)
+        if read is not None:
+            t = ctx.flow.types.get(read[0])
+            if isinstance(t, dict) and read[1] is not None and read[1] in t:
+                channels.append(t[read[1]])
+            else:
+                other = True
+        elif n.op == "call_function" and n.target in _ARITH:
+            stack.extend(n.all_input_nodes)
+        else:
+            other = True
+    return channels, other
+
+
+def _size_read(n: fx.Node) -> tuple[fx.Node, int | None] | None:
+    """(tensor, axis) for x.size(d), x.shape[d], x.size()[d] or aten.sym_size(x, d), else None."""
+    if n.op == "call_method" and n.target == "size" and len(n.args) == 2 and isinstance(n.args[1], int):
+        x, d = n.args
+    elif n.op == "call_function" and n.target in aten("sym_size.int") and isinstance(n.args[1], int):
+        x, d = n.args[:2]
+    elif n.op == "call_function" and n.target is operator.getitem and isinstance(n.args[1], int):
+        src = n.args[0]
+        is_shape = isinstance(src, fx.Node) and (
+            (src.op == "call_function" and src.target is getattr and src.args[1] == "shape")
+            or (src.op == "call_method" and src.target == "size" and len(src.args) == 1))
+        if not is_shape:
+            return None
+        x, d = src.args[0], n.args[1]
+    else:
+        return None
+    shape = x.meta.get("shape") if isinstance(x, fx.Node) else None
+    return (x, d % len(shape)) if isinstance(shape, tuple) and shape else (x, None)
+
+
 @rule("view", "reshape", torch.reshape, *aten("view.default", "reshape.default", "_unsafe_view.default"))
 def view(ctx: Context) -> NodeType:
-    from ptgraph.passes.rules.attention import head_axes
-
     x = ctx.arg(0, "input")
-    t = reshape_type(ctx, ctx.type_of(x), ctx.shape_of(x), ctx.out_shape, head_axes(ctx.flow).get(ctx.node))
+    t = reshape_type(ctx, ctx.type_of(x), ctx.shape_of(x), ctx.out_shape, _tracked_part(ctx))
     if ctx.node.kwargs:
         ctx.freeze(t, f"{ctx.node.name}: shape given as a keyword")
         return {}
     _rewrite_sizes(ctx, t, 1)
     return t
+
+
+def _tracked_part(ctx: Context) -> int | None:
+    """The output axis that keeps the channels when this reshape splits a channel axis: an attention op's
+    heads, else a conv's feature-map channels (C of a (C, H, W) split), else None (the innermost part)."""
+    from ptgraph.passes.rules.attention import head_axes
+    from ptgraph.passes.rules.conv import feature_map_axes
+
+    track = head_axes(ctx.flow).get(ctx.node)
+    return track if track is not None else feature_map_axes(ctx.flow).get(ctx.node)
 
 
 @rule("reshape_as", "view_as")
@@ -121,7 +200,7 @@ def reshape_as(ctx: Context) -> NodeType:
     return unify_aligned(ctx, [(t, ctx.out_shape), (dict(ctx.type_of(other)), ctx.out_shape)], ctx.out_shape)
 
 
-@rule(torch.flatten, "flatten", nn.Flatten, nn.Unflatten, torch.squeeze, "squeeze", torch.unsqueeze,
+@rule(torch.flatten, "flatten", nn.Flatten, torch.squeeze, "squeeze", torch.unsqueeze,
       "unsqueeze", torch.atleast_2d, *aten("flatten.using_ints", "unsqueeze.default", "squeeze.dim", "squeeze.dims",
                                            "squeeze.default"))
 def reshape_by_shapes(ctx: Context) -> NodeType:
@@ -138,13 +217,11 @@ def _permuted(ctx: Context, perm: list[int]) -> NodeType:
 @rule("unflatten", torch.unflatten, *aten("unflatten.int"))
 def unflatten(ctx: Context) -> NodeType:
     """x.unflatten(dim, sizes): a reshape whose literal sizes are rewritten like a view's."""
-    from ptgraph.passes.rules.attention import head_axes
-
     x, d, sizes = ctx.arg(0, "input"), ctx.arg(1, "dim"), ctx.arg(2, "sizes")
     if not isinstance(d, int) or not isinstance(sizes, (list, tuple)) or len(ctx.node.args) < 3:
         return freeze_everything(ctx)
     d %= len(ctx.shape_of(x))
-    t = reshape_type(ctx, ctx.type_of(x), ctx.shape_of(x), ctx.out_shape, head_axes(ctx.flow).get(ctx.node))
+    t = reshape_type(ctx, ctx.type_of(x), ctx.shape_of(x), ctx.out_shape, _tracked_part(ctx))
     typed = {a - d: ids for a, ids in t.items() if d <= a < d + len(sizes) and sizes[a - d] != -1}
     if typed:
         node = ctx.node
@@ -153,6 +230,24 @@ def unflatten(ctx: Context) -> NodeType:
             node.update_arg(2, [count(typed[i]) if i in typed else s for i, s in enumerate(sizes)])
 
         ctx.rewrite(fix)
+    return t
+
+
+@rule(nn.Unflatten)
+def unflatten_module(ctx: Context) -> NodeType:
+    """nn.Unflatten(dim, sizes): its sizes are a module attribute, set from the channels after a shrink."""
+    m, x = ctx.module, ctx.arg(0, "input")
+    t = reshape_type(ctx, ctx.type_of(x), ctx.shape_of(x), ctx.out_shape, _tracked_part(ctx))
+    if not isinstance(m.dim, int) or not isinstance(m.unflattened_size, (list, tuple)):
+        ctx.freeze(t, f"{ctx.node.name}: unflatten sizes that are not a list")
+        return {}
+    d, sizes = m.dim % len(ctx.shape_of(x)), tuple(m.unflattened_size)
+    typed = {a - d: ids for a, ids in t.items() if d <= a < d + len(sizes) and sizes[a - d] != -1}
+    if typed:
+        def fix(count: Counter) -> None:
+            m.unflattened_size = tuple(count(typed[i]) if i in typed else s for i, s in enumerate(sizes))
+
+        ctx.on_shrink(fix)
     return t
 
 

@@ -160,6 +160,20 @@ def getitem(ctx: Context) -> NodeType:
     return _index_tensor(ctx, src, st, index)
 
 
+@rule(*aten("index.Tensor"))
+def index_tensor(ctx: Context) -> NodeType:
+    """aten.index(x, [None, ..., idx]): x[:, ..., idx] as torch.export writes it; one tensor index, the
+    axes before it taken whole, read like the same getitem."""
+    src, indices = ctx.arg(0, "input"), ctx.arg(1, "indices")
+    if not isinstance(src, fx.Node) or not isinstance(indices, (list, tuple)):
+        return freeze_everything(ctx)
+    tensors = [p for p, i in enumerate(indices) if i is not None]
+    if len(tensors) != 1 or not isinstance(indices[tensors[0]], fx.Node):
+        return freeze_everything(ctx, f"advanced indexing ({ctx.node.name})")
+    pos = tensors[0]
+    return _gather(ctx, src, ctx.type_of(src), (slice(None),) * pos + (indices[pos],), pos)
+
+
 def _index_tensor(ctx: Context, src: fx.Node, t: TensorType, index: object) -> NodeType:
     idx = index if isinstance(index, tuple) else (index,)
     nd = len(ctx.shape_of(src))
