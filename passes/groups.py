@@ -45,13 +45,14 @@ class ChannelAnalysis:
         self.graph = graph
         self.flow = flow
         self._space_group = _group_spaces(flow.space)
+        self._element_group = _split_outputs(flow.space, self._space_group)
         self.groups: tuple[ChannelGroup, ...] = ()
         self.channel_roots: dict[int, np.ndarray] = {}  # group id -> union-find root of each channel
         self.refresh()
 
     def refresh(self) -> None:
         """Recompute the groups from the flow's alive elements (after a shrink)."""
-        self.groups, self.channel_roots = _build_groups(self.flow, self._space_group)
+        self.groups, self.channel_roots = _build_groups(self.flow, self._element_group)
 
     def group(self, gid: int) -> ChannelGroup:
         for g in self.groups:
@@ -64,6 +65,19 @@ class ChannelAnalysis:
         total = sum(g.size for g in self.groups)
         return sum(g.size for g in self.groups if g.prunable) / total if total else 0.0
 
+    @property
+    def removable_channel_fraction(self) -> float:
+        """Share of prunable channels among the channels a plan could remove: groups frozen only because
+        they are the model's output (a classifier's classes, a language model's vocabulary) are fixed by the
+        task and left out; index buffers (position ids) hold no channels at all."""
+        total = sum(g.size for g in self.groups if g.prunable or g.reason != OUTPUT)
+        return sum(g.size for g in self.groups if g.prunable) / total if total else 0.0
+
+    def prunable_param_fraction(self) -> float:
+        """Share of the parameters that prunable groups could remove (`prunable_params` over all)."""
+        total = sum(p.numel() for p in self.graph.module.parameters())
+        return self.prunable_params() / total if total else 0.0
+
     def conv_prunable_fraction(self) -> float:
         """Share of conv output channels that sit in prunable groups (the zoo's CNN target).
 
@@ -71,7 +85,7 @@ class ChannelAnalysis:
         are fixed by the task, not by the analysis, and are left out of the count.
         """
         prunable = [g.id for g in self.groups if g.prunable]
-        task = [g.id for g in self.groups if not g.prunable and g.reason == "model output"]
+        task = [g.id for g in self.groups if not g.prunable and g.reason == OUTPUT]
         total = hit = 0
         for name, axis in _conv_weights(self.graph.module).items():
             ids = self.flow.param_axes.get(name, {}).get(axis)
@@ -97,7 +111,7 @@ class ChannelAnalysis:
         return int(round(sum(params[n].numel() * (1 - k) for n, k in keep_share.items())))
 
     def _group_of_elements(self, ids: np.ndarray) -> np.ndarray:
-        return self._space_group[self.flow.space.space_of(ids)]
+        return self._element_group[ids]
 
     @property
     def original_module_runs_pruned(self) -> bool:
@@ -152,13 +166,51 @@ def _group_spaces(space: ChannelSpace) -> np.ndarray:
     return rank[dense]
 
 
-def _build_groups(flow: ChannelFlow, space_group: np.ndarray) -> tuple[tuple[ChannelGroup, ...], dict]:
+OUTPUT = "model output"
+
+
+def _split_outputs(space: ChannelSpace, space_group: np.ndarray) -> np.ndarray:
+    """element -> group id. A group only partly frozen as a model output (10 of a block's 20 channels added
+    into the output, 10 feeding the next block alone), and frozen for nothing else, is split: the channels
+    that reach the output become a group of their own, frozen, and the rest stay prunable. The analysis is
+    element-level, so removing a channel that never reaches the output leaves the output unchanged. Split
+    groups get ids after all others, once, at analysis time (ids stay stable across shrinks)."""
+    n = len(space)
+    group_of = space_group[space.space_of(np.arange(n))]
+    if OUTPUT not in space.reasons or not n:
+        return group_of
+    why = space.frozen_index(np.arange(n))
+    at_output = np.isin(why, [i for i, r in enumerate(space.reasons) if r == OUTPUT])
+    n_groups = int(group_of.max()) + 1
+    whole = np.zeros(n_groups, dtype=bool)  # frozen for another reason: stays one frozen group
+    whole[group_of[(why >= 0) & ~at_output]] = True
+    roots = space.roots()
+    out_channel = np.zeros(n, dtype=bool)
+    out_channel[roots[at_output]] = True
+    reached = out_channel[roots]  # elements of a channel that reaches the output
+    free = np.zeros(n_groups, dtype=bool)
+    free[group_of[~reached]] = True
+    split = free & ~whole
+    touched = np.zeros(n_groups, dtype=bool)
+    touched[group_of[reached]] = True
+    split &= touched
+    if not split.any():
+        return group_of
+    new_id = np.full(n_groups, -1, dtype=np.int64)
+    new_id[split] = n_groups + np.arange(int(split.sum()))
+    moved = reached & split[group_of]
+    out = group_of.copy()
+    out[moved] = new_id[group_of[moved]]
+    return out
+
+
+def _build_groups(flow: ChannelFlow, element_group: np.ndarray) -> tuple[tuple[ChannelGroup, ...], dict]:
     space = flow.space
     roots = space.roots()
     elems = np.nonzero(flow.alive)[0]
     if not len(elems):
         return (), {}
-    group_of = space_group[space.space_of(np.arange(len(roots)))]
+    group_of = element_group
     # channels: one per root among alive elements, ordered within a group by first element
     if len(elems) == len(roots):  # all alive: a root is its channel's smallest element (unify links to the lower)
         uniq_roots = first_elem = np.flatnonzero(roots == elems)

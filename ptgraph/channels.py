@@ -108,6 +108,10 @@ class ChannelSpace:
         for ids in t.values():
             self.freeze(ids, reason)
 
+    def frozen_index(self, ids: np.ndarray) -> np.ndarray:
+        """Per element, the index into `reasons` of why it was frozen, or -1."""
+        return self._frozen[ids]
+
     def frozen_reason(self, ids: np.ndarray) -> str | None:
         """The first reason any of these elements was frozen for, or None."""
         idx = self._frozen[ids]
