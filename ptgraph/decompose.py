@@ -1,4 +1,5 @@
-"""Traceable forwards for library modules that torch.fx would keep whole: nn.MultiheadAttention.
+"""Traceable forwards for library modules and calls that torch.fx would keep whole: nn.MultiheadAttention
+and F.multi_head_attention_forward called directly (an attention-pooling head with its own projections).
 
 fx stops at nn.MultiheadAttention (its forward branches on shapes and flags), and a whole module
 freezes the embedding stream it reads and writes, and its heads. For the common self-attention
@@ -59,6 +60,75 @@ def mha_forward(m: nn.MultiheadAttention, call: dict[str, Any]) -> tuple[Any, An
         out = F.scaled_dot_product_attention(q, k, v)
     out = (out.transpose(-3, -2) if m.batch_first else out.movedim(-2, 0)).flatten(-2)
     out = m.out_proj(out)
+    if not call["need_weights"]:
+        return out, None
+    return out, (weights.mean(dim=-3) if call["average_attn_weights"] else weights)
+
+
+_FN_ARGS = tuple(__import__("inspect").signature(F.multi_head_attention_forward).parameters)
+
+
+def mha_function_call(args: tuple, kwargs: dict, tensor_of: Any) -> dict[str, Any] | None:
+    """The arguments of an F.multi_head_attention_forward call by name when it can be decomposed, else None:
+    no masks, no bias_k/bias_v or zero attention, no static keys; separate q/k/v weights, or a packed one for
+    self-attention; weights the graph reads as parameters (`tensor_of` gives their tensor, or None), so the
+    head size is known."""
+    if len(args) > len(_FN_ARGS):
+        return None
+    call = {**dict(zip(_FN_ARGS, args)), **kwargs}
+    defaults = {"training": True, "key_padding_mask": None, "need_weights": True, "attn_mask": None,
+                "use_separate_proj_weight": False, "q_proj_weight": None, "k_proj_weight": None,
+                "v_proj_weight": None, "static_k": None, "static_v": None, "average_attn_weights": True,
+                "is_causal": False}
+    call = {**defaults, **call}
+    if set(call) != set(_FN_ARGS):
+        return None
+    none = ("bias_k", "bias_v", "key_padding_mask", "attn_mask", "static_k", "static_v")
+    flags = ("training", "need_weights", "average_attn_weights", "use_separate_proj_weight", "add_zero_attn",
+             "is_causal")
+    if any(call[k] is not None for k in none) or not all(isinstance(call[k], bool) for k in flags):
+        return None
+    if call["add_zero_attn"] or call["is_causal"] or not isinstance(call["num_heads"], int):
+        return None
+    if not isinstance(call["dropout_p"], (int, float)) or not isinstance(call["query"], fx.Proxy):
+        return None
+    if call["use_separate_proj_weight"]:
+        first = call["q_proj_weight"]
+    else:
+        x = call["query"]
+        first = call["in_proj_weight"] if call["key"] is x and call["value"] is x else None
+    weight = tensor_of(first) if first is not None else None
+    out_weight = tensor_of(call["out_proj_weight"])
+    if weight is None or out_weight is None or weight.dim() != 2 or out_weight.shape[1] % call["num_heads"]:
+        return None
+    call["head_dim"] = out_weight.shape[1] // call["num_heads"]
+    return call
+
+
+def mha_function_forward(call: dict[str, Any]) -> tuple[Any, Any]:
+    """F.multi_head_attention_forward's result, (seq, batch, embed) or unbatched (seq, embed), for a call
+    `mha_function_call` accepted, written with ops the rules follow: heads go whole as for the module."""
+    heads, head_dim = call["num_heads"], call["head_dim"]
+    if call["use_separate_proj_weight"]:
+        bias = call["in_proj_bias"]
+        parts = bias.chunk(3) if bias is not None else (None, None, None)
+        q, k, v = (F.linear(call[x], call[f"{x[0]}_proj_weight"], parts[i]).unflatten(-1, (heads, head_dim))
+                   for i, x in enumerate(("query", "key", "value")))
+    else:
+        qkv = F.linear(call["query"], call["in_proj_weight"], call["in_proj_bias"])
+        parts = qkv.unflatten(-1, (3, heads, head_dim)).unbind(-3)
+        q, k, v = parts[0], parts[1], parts[2]
+    q, k, v = (t.movedim(0, -2) for t in (q, k, v))  # (seq, ..., heads, head_dim) -> (..., heads, seq, head_dim)
+    dropout = call["dropout_p"] if call["training"] else 0.0
+    weights = None
+    if call["need_weights"] or dropout > 0:
+        weights = torch.softmax((q * (1 / math.sqrt(head_dim))) @ k.transpose(-2, -1), dim=-1)
+        if dropout > 0:
+            weights = F.dropout(weights, dropout, training=True)  # becomes an nn.Dropout: follows train/eval
+        out = weights @ v
+    else:
+        out = F.scaled_dot_product_attention(q, k, v)
+    out = F.linear(out.movedim(-2, 0).flatten(-2), call["out_proj_weight"], call["out_proj_bias"])
     if not call["need_weights"]:
         return out, None
     return out, (weights.mean(dim=-3) if call["average_attn_weights"] else weights)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import traceback as fx_traceback
 
-from ptgraph.decompose import mha_call, mha_forward
+from ptgraph.decompose import mha_call, mha_forward, mha_function_call, mha_function_forward
 from ptgraph.errors import UserError
 from ptgraph.shapes import propagate_shapes
 
@@ -98,6 +98,37 @@ class _FallbackTracer(fx.Tracer):
             self.module_stack = stack
         node.meta["nn_module_stack"] = stack.copy()
         return node
+
+    def create_proxy(self, kind: str, target: Any, args: tuple, kwargs: dict, *rest: Any, **more: Any) -> Any:
+        """F.multi_head_attention_forward called on proxies is traced as its decomposition (ptgraph/decompose.py)
+        where it can be; a call it cannot follow stays one node (no rule: its channels freeze)."""
+        if kind == "call_function" and target is F.multi_head_attention_forward:
+            call = mha_function_call(args, kwargs, self._parameter_of)
+            if call is not None:
+                last, stack_depth = self.graph._root.prev, len(self.module_stack)
+                try:
+                    out, weights = mha_function_forward(call)
+                except Exception:  # noqa: BLE001 - the call stays one node
+                    self._roll_back(last, stack_depth)
+                else:
+                    self.opened.append(next(reversed(self.module_stack), "") if self.module_stack else "")
+                    if isinstance(weights, fx.Proxy):
+                        self.maybe_dead.append(weights.node)
+                    return out, weights
+        return super().create_proxy(kind, target, args, kwargs, *rest, **more)
+
+    def _parameter_of(self, value: Any) -> torch.Tensor | None:
+        """The tensor a get_attr proxy reads, or None."""
+        if not isinstance(value, fx.Proxy) or value.node.op != "get_attr":
+            return None
+        *path, name = str(value.node.target).split(".")
+        m: Any = self.root
+        for part in path:  # the module dicts: nn.Module.__getattr__ hands out proxies while fx traces
+            m = m._modules.get(part) if isinstance(m, nn.Module) else None
+        if not isinstance(m, nn.Module):
+            return None
+        obj = m._parameters.get(name, m._buffers.get(name))
+        return obj if isinstance(obj, torch.Tensor) else None
 
     def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
         qualname = self.path_of_module(m)
@@ -192,6 +223,7 @@ class Graph:
     ignored: tuple[str, ...] = ()
     capture: str = "fx"  # "fx": symbolic trace of the user's modules; "export": torch.export's ATen graph
     opened: tuple[str, ...] = ()  # fx: modules traced through a decomposition; the user's copies keep old sizes
+    choice: str = ""  # why auto capture kept this path, where it compared both
 
     @property
     def nodes(self) -> list[fx.Node]:
@@ -221,7 +253,8 @@ def trace(
     Python control flow fx cannot follow, such as Hugging Face transformers); "auto" (default)
     uses fx when it sees the whole model and torch.export when fx would have to keep some
     submodules as frozen leaves (untraceable ones, nn.MultiheadAttention) or cannot trace the top
-    level at all.
+    level at all; and where ops with no rule freeze channels of the fx graph, it captures with
+    torch.export too and keeps the graph with more parameters in prunable groups (`Graph.choice`).
     `leaf_modules`: module names or types to keep as single nodes (fx only). `ignore`: module
     names whose channels must never be pruned.
     """
@@ -258,7 +291,34 @@ def trace(
             pass  # keep the symbolic trace with its leaves
     for name, reason in fallbacks.items():
         warnings.warn(f"ptgraph: traced '{name}' as a leaf, its channels are frozen ({reason})", stacklevel=2)
-    return _with_shapes(gm, example_inputs, fallbacks, ignore, "fx", opened)
+    graph = _with_shapes(gm, example_inputs, fallbacks, ignore, "fx", opened)
+    if capture == "auto" and not leaf_modules and not fallbacks:
+        return _more_prunable(graph, model, example_inputs, ignore)
+    return graph
+
+
+def _more_prunable(graph: Graph, model: nn.Module, example_inputs: tuple, ignore: tuple[str, ...]) -> Graph:
+    """Where ops with no rule froze channels of the fx graph, capture with torch.export too (it decomposes
+    many such calls into ops the rules know) and keep the graph whose prunable groups hold more parameters;
+    fx on a tie or when export fails. `Graph.choice` says what was compared."""
+    from ptgraph.passes import analyze_channels
+
+    fx_analysis = analyze_channels(graph)
+    blocked = sorted({r.split(" ('")[0][len("unsupported op "):] for r in fx_analysis.flow.space.reasons
+                      if r.startswith("unsupported op ")})
+    if not blocked:
+        return graph
+    ops = ", ".join(blocked[:3]) + (f" and {len(blocked) - 3} more" if len(blocked) > 3 else "")
+    try:
+        exported = _with_shapes(_exported(model, example_inputs), example_inputs, {}, ignore, "export")
+    except UserError as e:
+        graph.choice = f"fx (ops without a rule: {ops}; torch.export failed: {_sentence(getattr(e, 'reason', str(e)))})"
+        return graph
+    fx_params, export_params = fx_analysis.prunable_params(), analyze_channels(exported).prunable_params()
+    kept, other = (exported, graph) if export_params > fx_params else (graph, exported)
+    kept.choice = (f"{kept.capture} (ops without a rule in the fx graph: {ops}; prunable parameters: fx "
+                   f"{fx_params:,}, torch.export {export_params:,})")
+    return kept
 
 
 try:  # generates its Python code on first use: a third of a small model's capture time otherwise
