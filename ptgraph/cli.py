@@ -76,7 +76,11 @@ def summary(analysis: Any, seconds: dict[str, float]) -> dict[str, Any]:
         "params": count_params(gm),
         "prunable_params": analysis.prunable_params(),
         "prunable_channel_fraction": analysis.prunable_channel_fraction,
+        "removable_channel_fraction": analysis.removable_channel_fraction,
+        "prunable_param_fraction": analysis.prunable_param_fraction(),
         "conv_prunable_fraction": analysis.conv_prunable_fraction(),
+        "capture": analysis.graph.capture,
+        "capture_choice": analysis.graph.choice,
         "flops": forward_flops(gm),
         "leaves": analysis.graph.leaves,
         "original_module_runs_pruned": analysis.original_module_runs_pruned,
@@ -116,10 +120,13 @@ def _print_report(info: dict[str, Any], model: str) -> None:
     n_prunable = sum(g["prunable"] for g in info["groups"])
     console.print(
         f"{len(info['groups'])} groups, {n_prunable} prunable; parameters {info['params']:,} "
-        f"({info['prunable_params']:,} prunable); prunable channels {info['prunable_channel_fraction']:.1%} "
-        f"(conv channels {info['conv_prunable_fraction']:.1%}); {info['flops'] / 1e9:.3f} GFLOPs/sample; "
+        f"({info['prunable_params']:,} prunable, {info['prunable_param_fraction']:.1%}); prunable channels "
+        f"{info['removable_channel_fraction']:.1%} without the model's outputs ({info['prunable_channel_fraction']:.1%} "
+        f"of all; conv channels {info['conv_prunable_fraction']:.1%}); {info['flops'] / 1e9:.3f} GFLOPs/sample; "
         f"trace {info['seconds']['trace']:.3f} s, analysis {info['seconds']['analyze']:.3f} s"
     )
+    if info.get("capture_choice"):
+        console.print(f"capture: {info['capture_choice']}")
     if "plan" in info:
         p = info["plan"]
         widths = ", ".join(f"g{g}: {a}->{b}" for g, (a, b) in list(p["widths"].items())[:8])
