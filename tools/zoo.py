@@ -123,6 +123,10 @@ def run_model(name: str, ratio: float, timeout: float, threads: int | None, fami
         prunable_groups=sum(g["prunable"] for g in groups),
         exact_groups=sum(g["prunable"] and g["exact"] for g in groups),
         channel_share=info["prunable_channel_fraction"],
+        removable_share=info.get("removable_channel_fraction"),
+        param_share=info.get("prunable_param_fraction"),
+        capture=info.get("capture"),
+        capture_choice=info.get("capture_choice") or None,
         conv_share=info["conv_prunable_fraction"],
         params_before=v.get("params_before", info["params"]),
         params_after=v.get("params_after"),
@@ -275,6 +279,12 @@ def fmt_pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
+def fmt_shares(r: dict[str, Any]) -> str:
+    """The channels cell: prunable share of all channels / of channels outside the model's outputs / of the
+    parameters (records from before issue 30 have the first only)."""
+    return " / ".join(fmt_pct(r.get(k)) for k in ("channel_share", "removable_share", "param_share"))
+
+
 def fmt_int(x: int | None) -> str:
     return "-" if x is None else f"{x:,}"
 
@@ -326,7 +336,8 @@ def render(results: list[dict[str, Any]], timing: dict[str, Any] | None, runs: l
     lines += [
         "",
         "Columns: *groups* / *prunable*: channel groups and how many are not frozen; *channels*: share of all",
-        "channels (of every group) that are prunable; *conv ch*: share of conv output channels in prunable groups",
+        "channels (of every group) that are prunable / the same without groups frozen only as the model's output",
+        "/ share of the parameters that prunable groups could remove; *conv ch*: share of conv output channels in prunable groups",
         "(channels that are the model's output, like SqueezeNet's classifier conv, are not counted); *rel err*:",
         "relative L2 error shrink vs mask; *params*: before -> after the random prune (always equal to the",
         "prediction when verify is ok); *t trace+an.*: trace plus channel analysis, seconds, in the subprocess",
@@ -347,7 +358,7 @@ def render(results: list[dict[str, Any]], timing: dict[str, Any] | None, runs: l
         onnx = "-" if r.get("onnx_rel_err") is None else \
             f"{'ok' if r.get('onnx_ok') else '**FAIL**'} ({r['onnx_rel_err']:.1e})"
         lines.append(
-            f"| {r['model']} | {r['groups']} | {r['prunable_groups']} | {fmt_pct(r['channel_share'])} | "
+            f"| {r['model']} | {r['groups']} | {r['prunable_groups']} | {fmt_shares(r)} | "
             f"{fmt_pct(r['conv_share'])} | {verdict} | {rel} | {onnx} | {fmt_int(r['params_before'])} | "
             f"{fmt_int(r['params_after'])} | "
             f"{t:.2f} | {cell(r.get('why', ''))} |"

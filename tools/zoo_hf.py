@@ -36,7 +36,7 @@ from typing import Any, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from zoo import (REL_TOLERANCE, ROOT, _largest_frozen, cell, fmt_int, fmt_pct, last_line, machine,  # noqa: E402
+from zoo import (REL_TOLERANCE, ROOT, _largest_frozen, cell, fmt_int, fmt_pct, fmt_shares, last_line, machine,  # noqa: E402
                  new_sweep, records, sweep, write_raw, chosen_models)
 
 MAX_PARAMS = 30_000_000  # over this after shrinking: skipped as too large
@@ -492,6 +492,8 @@ def analyse(graph: Any) -> tuple[Any, dict[str, Any]]:
         "exact_groups": sum(g["prunable"] and g["exact"] for g in groups),
         "channels": sum(g["size"] for g in groups),
         "channel_share": analysis.prunable_channel_fraction,
+        "removable_share": analysis.removable_channel_fraction,
+        "param_share": analysis.prunable_param_fraction(),
         "largest_frozen": _largest_frozen(groups),
         "frozen": dict(sorted(frozen.items(), key=lambda kv: -kv[1])[:3]),
     }
@@ -762,7 +764,7 @@ def _row(r: dict[str, Any]) -> str:
         return head + f"{r.get('capture', '-')} | {status} | - | - | - | {size} | - | - | {cell(_note(r))} |"
     params = f"{fmt_int(r.get('params_before', r.get('params')))} -> {fmt_int(r.get('params_after'))}"
     return head + (f"{r['capture']} | {status} | {r['groups']} ({r['prunable_groups']}) | "
-                   f"{fmt_pct(r['channel_share'])} | "
+                   f"{fmt_shares(r)} | "
                    f"{_rel(r.get('rel_err'))} | {params} | {_onnx_cell(r)} | {r['trace_s']:.1f} | {cell(_note(r))} |")
 
 
@@ -787,6 +789,12 @@ def frozen_tally(results: list[dict[str, Any]]) -> str:
     return "; ".join(f"{kind}: {n}" for kind, n in top) or "-"
 
 
+def _median_line(analysed: list[dict[str, Any]], key: str, what: str) -> list[str]:
+    """One summary line: the median of a share over the models that recorded it (none before issue 30)."""
+    values = [r[key] for r in analysed if r.get(key) is not None]
+    return [f"- {what}, median over {len(values)} models: **{fmt_pct(statistics.median(values))}**"] if values else []
+
+
 def summary_lines(results: list[dict[str, Any]], not_reached: list[str]) -> list[str]:
     """Counts per class, the median prunable share, the worst verified error, ONNX and capture counts."""
     by = {s: [r for r in results if r["status"] == s] for s in STATUSES}
@@ -804,6 +812,8 @@ def summary_lines(results: list[dict[str, Any]], not_reached: list[str]) -> list
         f"**{fmt_pct(statistics.median(shares)) if shares else '-'}** (verified only: "
         f"{fmt_pct(statistics.median([r['channel_share'] for r in verified])) if verified else '-'}; "
         f"range {fmt_pct(min(shares)) if shares else '-'} - {fmt_pct(max(shares)) if shares else '-'})",
+        *_median_line(analysed, "removable_share", "prunable share of channels outside the model's outputs"),
+        *_median_line(analysed, "param_share", "share of parameters in prunable groups"),
         f"- worst relative error among verified: **{_rel(worst)}** ({worst_model})",
         f"- shrunk models exported to ONNX and matching onnxruntime (1e-4): "
         f"**{sum(bool(r.get('onnx_ok')) for r in verified)} / {len(verified)}** verified",
@@ -874,7 +884,8 @@ def render(results: list[dict[str, Any]], runs: list[dict[str, Any]], mach: dict
         "## Every model",
         "",
         "Columns: *input*: what the forward ran on; *capture*: ptgraph's path; *groups (prunable)*; *channels*: share",
-        "of all groups' channels that is prunable; *rel err*: shrunk vs masked; *params*: before -> after the",
+        "of all groups' channels that is prunable / the same without groups frozen only as the model's output /",
+        "share of the parameters prunable groups could remove; *rel err*: shrunk vs masked; *params*: before -> after the",
         "random prune (for a model not analysed: its size); *ONNX*: onnxruntime vs PyTorch (rel err); *trace s*:",
         "capture seconds, cold, in the subprocess; *note*: the reason (not verified), or the largest frozen",
         "reason and an ONNX failure (verified).",

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from zoo import (CONV_TARGET, REL_TOLERANCE, ROOT, TIMM_BEGIN, TIMM_END, cell, fmt_int, fmt_pct, last_line, machine,
+from zoo import (CONV_TARGET, REL_TOLERANCE, ROOT, TIMM_BEGIN, TIMM_END, cell, fmt_int, fmt_pct, fmt_shares, last_line, machine,
                  new_sweep, records, run_model, sweep, verdict_lines, write_raw, chosen_models)
 
 ZOO = Path(__file__).resolve().parent / "zoo.py"  # the subprocesses' entry point
@@ -273,7 +273,7 @@ def render_timm(results: list[dict[str, Any]], runs: list[dict[str, Any]], mach:
         if r.get("onnx_rel_err") is None and "onnx_ok" in r and not r["onnx_ok"]:
             onnx = "failed"
         lines.append(
-            f"{head} {r['groups']} | {r['prunable_groups']} | {fmt_pct(r['channel_share'])} | {fmt_pct(r['conv_share'])} | "
+            f"{head} {r['groups']} | {r['prunable_groups']} | {fmt_shares(r)} | {fmt_pct(r['conv_share'])} | "
             f"{verdict} | {rel} | {onnx} | {fmt_int(r['params_before'])} | {fmt_int(r['params_after'])} | "
             f"{r['trace_s'] + r['analyze_s']:.2f} | {cell(r.get('why', ''))} |")
     lines += ["", TIMM_END]
