@@ -105,10 +105,9 @@ def test_an_ema_copy_of_another_module_is_refused():
         Follower(pt, AveragedModel(torch.nn.Linear(3, 3)))
 
 
-def test_a_compiled_model_trains_on_after_every_reconfiguration(monkeypatch):
+@torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True)  # monkeypatch's undo would
+def test_a_compiled_model_trains_on_after_every_reconfiguration():  # delete the attributes from dynamo's config
     """More shrinks than dynamo's recompile limit (lowered to 2 here), each a fresh compile, never eager."""
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
-    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
     compiled = []
 
     def backend(gm, example_inputs):

@@ -23,6 +23,7 @@ from ptgraph.inputs import dtype_name
 from ptgraph.passes import PrunePlan, count_params
 from ptgraph.specs import build_model
 from ptgraph.trainers import checkpoint as ckpt
+from ptgraph.trainers.compiling import Compiler
 from ptgraph.trainers.config import TrainConfig
 from ptgraph.trainers.data import DataSets, load_data
 from ptgraph.trainers.distributed import Dist, ShardSampler, pick_device
@@ -105,6 +106,7 @@ class Run:
         self.epoch, self.train_flops, self.dense_train_flops = 0, 0.0, 0.0
         self.records: list[dict[str, Any]] = []
         self._on_device: dict[int, ImageTensors | None] = {}
+        self.compiler = Compiler() if cfg.compile else None  # a fresh compile after every shrink
         self.runner = self._compiled()
         if resume:
             self._restore(resume)
@@ -116,13 +118,18 @@ class Run:
         return convs or {n: m.out_features for n, m in self.pt.model.named_modules() if isinstance(m, nn.Linear)}
 
     def _compiled(self) -> nn.Module:
-        """What a step calls: the model, wrapped in DDP under torchrun (rebuilt after every shrink), compiled on request."""
+        """What a step calls: the model, wrapped in DDP under torchrun (rebuilt after every shrink), compiled on
+        request (afresh after every shrink: trainers/compiling.py)."""
         self.runner = None  # drops the old DDP wrapper and its buckets before a new one is built
         module = self.dist.wrap(self.model)
-        if not self.cfg.compile:
-            return module
-        torch._dynamo.reset()
-        return torch.compile(module)
+        return module if self.compiler is None else self.compiler(module)
+
+    def note_eager(self, console) -> None:
+        """Say so if dynamo's recompile limit made a compiled frame run eagerly (it logs it only)."""
+        note = self.compiler.eager_note() if self.compiler is not None else None
+        if note:
+            console.print(note)
+            self.records.append({"kind": "compile", "epoch": self.epoch + 1, "note": note})
 
     def state(self) -> dict[str, Any]:
         return {
@@ -414,6 +421,7 @@ def _train(cfg: TrainConfig, resume_dir: str | None, console, d: Dist) -> dict[s
                 and not last:
             run.reconfigure(console)
         val = run.evaluate()
+        run.note_eager(console)
         run.epoch += 1
         record = run.epoch_record(seen, correct, loss_sum, val, time.perf_counter() - epoch_start)
         for r in run.records:  # every reconfiguration of this epoch, then the epoch line

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import warnings
 from typing import Any, Iterable
 
 import numpy as np
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 
 from ptgraph.errors import UserError
+from ptgraph.trainers.compiling import Compiler
 from ptgraph.trainers.distributed import current
 from ptgraph.trainers.prunetrain import PruneTrain
 
@@ -107,23 +109,27 @@ class Runner:
     every shrink: a new DDP wrapper, a fresh compile, and every followed EMA copy shrunk alike.
 
     `compile`: False, True, or torch.compile's keyword arguments. `ddp`: DistributedDataParallel's.
-    Recompiling resets dynamo (`torch._dynamo.reset()`, as the CLI does), so every shape is a fresh compile
-    and none runs eager for having hit `recompile_limit`; other compiled functions recompile at their next call.
+    Recompiling resets dynamo (trainers/compiling.py, the CLI's own), so every shape is a fresh compile and none
+    runs eager for having hit `recompile_limit`; other compiled functions recompile at their next call. If dynamo
+    runs a frame eagerly anyway (other recompiles: eval mode, batch sizes), a call warns once.
     """
 
     def __init__(self, pt: PruneTrain, *, compile: bool | dict[str, Any] = False, follow: Iterable[nn.Module] = (),
                  ddp: dict[str, Any] | None = None) -> None:
         self.pt = pt
-        self.compile_options = ({} if compile is True else dict(compile)) if compile else None
+        self.compiler = Compiler({} if compile is True else dict(compile)) if compile else None
         self.ddp_options = dict(ddp or {})
         self.followers = [Follower(pt, ema) for ema in follow]
-        self.compiles = 0
         self.module: nn.Module | None = None
         self.module = self._wrap()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         assert self.module is not None
-        return self.module(*args, **kwargs)
+        out = self.module(*args, **kwargs)
+        note = self.compiler.eager_note() if self.compiler is not None else None
+        if note:
+            warnings.warn(note, RuntimeWarning, stacklevel=2)
+        return out
 
     def rebuild(self) -> None:
         """After a reconfiguration that shrank the model (on every rank alike)."""
@@ -140,9 +146,4 @@ class Runner:
             device = next(model.parameters()).device
             module = nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None, **self.ddp_options)
-        if self.compile_options is None:
-            return module
-        if self.compiles:
-            torch._dynamo.reset()  # the old shapes' graphs: never `recompile_limit` of them on one frame
-        self.compiles += 1
-        return torch.compile(module, **self.compile_options)
+        return module if self.compiler is None else self.compiler(module)  # afresh: never `recompile_limit` shapes
