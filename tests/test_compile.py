@@ -79,7 +79,8 @@ def test_a_frame_dynamo_runs_eagerly_is_said_once():
 
 
 def test_the_cli_loop_says_when_dynamo_runs_the_model_eagerly(tmp_path, monkeypatch):
-    """With a limit of 1, evaluation's recompile (eval mode, a smaller last batch) is one too many."""
+    """With a limit of 1, evaluation's recompile (eval mode, a smaller last batch) is one too many; and on the CPU
+    the run starts with a note on what each reconfiguration's compile costs."""
     import json
 
     from rich.console import Console
@@ -90,7 +91,9 @@ def test_the_cli_loop_says_when_dynamo_runs_the_model_eagerly(tmp_path, monkeypa
     console = Console(record=True, width=300)
     with torch._dynamo.config.patch(recompile_limit=1):
         train(_cfg(tmp_path, epochs=1), console=console)
-    said = [line for line in console.export_text().splitlines() if "eagerly" in line]
+    text = console.export_text()
+    said = [line for line in text.splitlines() if "eagerly" in line]
     assert len(said) == 1 and "recompile_limit = 1)" in said[0]
+    assert "note: --compile on the CPU compiles the training graph anew after every reconfiguration" in text
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["note"] for r in records if r["kind"] == "compile"] == [said[0]]
