@@ -413,7 +413,7 @@ def _train(cfg: TrainConfig, resume_dir: str | None, console, d: Dist) -> dict[s
                   f"{', ' + str(run.amp).replace('torch.', '') if run.amp else ''}; run dir {run_dir}")
     if run.compiler is not None and run.device.type == "cpu" and not cfg.dense:
         console.print("note: --compile on the CPU compiles the training graph anew after every reconfiguration "
-                      "(ResNet-20: tens of seconds each, for steps little faster than eager; docs/USER_GUIDE.md, "
+                      "(ResNet-20: a minute or more each, for steps not clearly faster than eager; docs/USER_GUIDE.md, "
                       "section 6); leave it out unless the run is long after its last reconfiguration")
     start = time.perf_counter()
     while run.epoch < cfg.epochs:
