@@ -244,6 +244,9 @@ def cmd_prune_train(args: argparse.Namespace) -> int:
     fields = {f: getattr(args, f) for f in TrainConfig.__dataclass_fields__ if hasattr(args, f)}
     cfg = TrainConfig(**{**fields, "model": args.model or ""})
     cfg.check()
+    if cfg.fsdp and (args.nproc_per_node or int(os.environ.get("WORLD_SIZE", "1"))) < 2:
+        raise UserError("--fsdp shards the model across processes; run it with 2 or more, under torchrun or with "
+                        "--nproc-per-node N")
     if args.nproc_per_node is not None and args.nproc_per_node < 1:
         raise UserError("--nproc-per-node must be 1 or more")
     if args.nproc_per_node is not None and "WORLD_SIZE" not in os.environ:  # the launcher; under torchrun: a rank
@@ -361,6 +364,9 @@ def _train_parser(sub) -> None:
     g = p.add_argument_group("distributed")
     g.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
                    help="train with N processes on this machine (one per GPU): relaunches this command under torchrun")
+    g.add_argument("--fsdp", action="store_true",
+                   help="shard parameters, gradients and optimizer state across the processes with FSDP2 (one unit "
+                        "per repeated block and one at the root) instead of DDP's whole copies; needs 2+ processes")
     g.add_argument("--no-scale-lr", dest="scale_lr", action="store_false",
                    help="with several processes, keep --lr as given instead of multiplying it by their number")
     g.add_argument("--sync-bn", action="store_true", help="with several GPUs, BatchNorm statistics over the global batch")

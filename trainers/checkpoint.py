@@ -104,3 +104,41 @@ def rebuild(payload: dict[str, Any]) -> tuple[torch.nn.Module, tuple[int, ...]]:
         raise UserError(f"the checkpoint's weights do not fit the rebuilt model ({str(e).splitlines()[0]}); it was "
                         f"written by another ptgraph version") from None
     return graph.module.eval(), shape
+
+
+# -- FSDP2: the model and the optimizer state through torch.distributed.checkpoint, each rank writing its shards --
+def save_sharded(run_dir: Path, tag: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> str:
+    """Every rank writes its shards of the model and the optimizer state into RUN_DIR/checkpoint-TAG.dcp (a
+    collective); returns the directory's name, which the checkpoint.pt written after it records, so a run killed
+    between the two resumes from the previous pair."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    name = f"checkpoint-{tag}.dcp"
+    state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+    dcp.save(state, checkpoint_id=str(Path(run_dir) / name))
+    return name
+
+
+def load_sharded(run_dir: Path, name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """The shards `save_sharded` wrote, into a model sharded alike (the same plans, the same number of ranks)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+
+    path = Path(run_dir) / name
+    if not path.is_dir():
+        raise UserError(f"the sharded checkpoint {path} is missing; resume needs the run directory the FSDP run wrote")
+    state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+    dcp.load(state, checkpoint_id=str(path))
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+
+
+def drop_older_sharded(run_dir: Path, keep: str) -> None:
+    """Remove the sharded checkpoints older than `keep` (rank 0, after checkpoint.pt names `keep`)."""
+    import shutil
+
+    for old in Path(run_dir).glob("checkpoint-*.dcp"):
+        if old.name != keep:
+            shutil.rmtree(old, ignore_errors=True)

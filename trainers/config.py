@@ -52,6 +52,7 @@ class TrainConfig:
     tensorboard: bool = True
     scale_lr: bool = True  # under torchrun: lr x world size (batch_size is per process)
     sync_bn: bool = False  # SyncBatchNorm across ranks (CUDA only)
+    fsdp: bool = False  # FSDP2: parameters, gradients and optimizer state sharded across the torchrun processes
     dist_timeout: float = 300.0  # seconds a collective may wait for a peer before the run stops
 
     def resolved(self, family: str) -> "TrainConfig":
@@ -131,6 +132,12 @@ class TrainConfig:
             (self.amp in ("auto", "bf16", "fp16", "off"), "--amp must be auto, bf16, fp16 or off"),
             (self.data_on_device in ("auto", "on", "off"), "--data-on-device must be auto, on or off"),
             (self.dist_timeout > 0, "--dist-timeout must be a positive number of seconds"),
+            (not (self.fsdp and self.compile), "--fsdp with --compile is not supported (a re-sharded model would be "
+             "compiled anew after every shrink, untested); leave out --compile"),
+            (not (self.fsdp and self.lasso == "subgradient"), "--fsdp needs the proximal lasso (the subgradient one "
+             "would gather every parameter at each step); leave out --lasso subgradient"),
+            (not (self.fsdp and self.allocation == "sensitivity"), "--fsdp cannot measure the sensitivity allocation "
+             "(it masks copies of the whole model); use --allocation uniform, global or config"),
         ]
         for ok, message in rules:
             if not ok:

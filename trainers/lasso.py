@@ -70,6 +70,10 @@ def square_sums(p: torch.Tensor, axis: int, chunk_bytes: int = 1 << 21) -> torch
 def channel_sq_norms(index: ChannelIndex, module: nn.Module) -> torch.Tensor:
     """Squared L2 norm of every prunable channel over all its member slices (differentiable)."""
     params = dict(module.named_parameters())
+    if any(hasattr(p, "device_mesh") for p in params.values()):  # FSDP2's DTensors: reduced over the shards
+        from ptgraph.trainers.fsdp import sharded_sq_norms
+
+        return sharded_sq_norms(index, module)
     pieces = []
     for name, axes in zip(index.params, index.axes):
         for axis in axes:
@@ -94,6 +98,10 @@ def proximal_step(index: ChannelIndex, module: nn.Module, strength: float, weigh
     scaled by both factors, the usual approximation for overlapping groups. One gather makes every
     factor; each parameter then takes one multiply (a few kernels per layer: this runs every step).
     """
+    if any(hasattr(p, "device_mesh") for p in module.parameters()):  # FSDP2: each rank scales its own rows
+        from ptgraph.trainers.fsdp import sharded_proximal_step
+
+        return sharded_proximal_step(index, module, strength, weights)
     norms = channel_sq_norms(index, module).sqrt()
     shrink = strength if weights is None else strength * weights
     scale = torch.cat([(1 - shrink / norms.clamp_min(1e-30)).clamp_min(0), norms.new_ones(1)])

@@ -93,6 +93,15 @@ class Run:
             self.model = self.model.to(memory_format=torch.channels_last)
             torch.backends.cudnn.benchmark = True
         self.amp = _amp_dtype(cfg, self.device)
+        self.sharded = None  # FSDP2 (--fsdp): trainers/fsdp.py; self.model is then its sharded module
+        if cfg.fsdp:
+            from ptgraph.trainers import fsdp
+
+            if not self.dist.active or self.world < 2:
+                raise UserError("--fsdp shards the model across processes; run it under torchrun with 2 or more "
+                                "(--nproc-per-node N)")
+            self.sharded = fsdp.shard(self.pt, self.device, fsdp.mixed_precision(self.amp))
+            self.model = self.sharded.module
         self.lr_scale = 1.0  # the dynamic batch's factor
         self.world_scale = float(self.world) if cfg.scale_lr else 1.0  # lr x processes: batch_size is per process
         self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr * self.world_scale, momentum=cfg.momentum,
@@ -107,7 +116,7 @@ class Run:
         self.records: list[dict[str, Any]] = []
         self._on_device: dict[int, ImageTensors | None] = {}
         self.compiler = Compiler() if cfg.compile else None  # a fresh compile after every shrink
-        self.runner = self._compiled()
+        self.runner = self.model if self.sharded else self._compiled()  # FSDP2: no DDP, no compile
         if resume:
             self._restore(resume)
 
@@ -135,7 +144,8 @@ class Run:
         return {
             "config": dataclasses.asdict(self.cfg), "spec": self.spec, "plans": [p.to_json() for p in self.pt.plans],
             "input_shape": self.input_shape, "input_dtype": self.input_dtype,
-            "model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+            **({} if self.sharded else {"model": self.model.state_dict(), "optimizer": self.opt.state_dict()}),
+            "scheduler": self.sched.state_dict(),
             "scaler": self.scaler.state_dict(), "rng": ckpt.rng_state(), "epoch": self.epoch, "steps": self.pt.steps,
             "lam": self.pt.lam, "budget": self.pt.budget_state(), "batch": self.batch, "lr_scale": self.lr_scale, "world": self.world,
             "world_scale": self.world_scale, "train_flops": self.train_flops,
@@ -144,8 +154,11 @@ class Run:
 
     def _restore(self, s: dict[str, Any]) -> None:
         try:
-            self.model.load_state_dict(s["model"])
-            self.opt.load_state_dict(s["optimizer"])
+            if self.sharded is not None:  # FSDP2: each rank reads its shards
+                ckpt.load_sharded(Path(self.cfg.run_dir), s["sharded"], self.model, self.opt)
+            else:
+                self.model.load_state_dict(s["model"])
+                self.opt.load_state_dict(s["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
             raise UserError(f"the checkpoint's weights do not fit the rebuilt model ({str(e).splitlines()[0]}); "
                             f"it was written by another model or ptgraph version, start a new run") from None
@@ -217,7 +230,7 @@ class Run:
     def _calibrate(self, loss: torch.Tensor) -> None:
         """lambda from the global batch's loss (the mean over ranks), decided on rank 0 for every rank."""
         (mean,) = self.dist.sum(float(loss.detach()) / self.world)
-        if self.dist.main:
+        if self.dist.main or self.sharded is not None:  # FSDP2: the norms are a collective, every rank computes
             self.pt.lam = self.pt.calibrate(mean)
         if self.pt.schedule is not None:  # the adaptive weights too
             self.pt.load_budget_state(self.dist.broadcast_object(self.pt.budget_state()))
@@ -229,8 +242,11 @@ class Run:
         goal = self.pt.scheduled_flops
         with warnings.catch_warnings():  # the self-check's note is printed below, once
             warnings.simplefilter("ignore")
-            plan = self.pt.plan() if self.dist.main else None
-        r = self.pt.reconfigure(self.dist.broadcast_plan(plan))
+            if self.sharded is not None:  # FSDP2: every rank together (norms, checks and re-sharding are collectives)
+                r = self.pt.reconfigure()
+            else:
+                plan = self.pt.plan() if self.dist.main else None
+                r = self.pt.reconfigure(self.dist.broadcast_plan(plan))
         # rank 0 planned, checked and steered: the same lambda, gain, weights and frozen groups on every rank
         self.pt.load_budget_state(self.dist.broadcast_object(self.pt.budget_state()))
         if self.pt.check_note:
@@ -239,7 +255,10 @@ class Run:
                                  "frozen": sorted(self.pt.frozen), "note": self.pt.check_note})
         if r is None:
             return None
-        self.runner = self._compiled()
+        if self.sharded is not None:
+            self.model = self.runner = self.sharded.module  # a new sharded module; the optimizer followed it
+        else:
+            self.runner = self._compiled()
         shrunk = ", ".join(f"g{g}: {a}->{b}" for g, (a, b) in sorted(r.report.groups.items())[:8])
         more = f" (+{len(r.report.groups) - 8} more)" if len(r.report.groups) > 8 else ""
         record = {"kind": "reconfig", "epoch": self.epoch + 1, "step": r.step, "groups": len(r.report.groups),
@@ -278,7 +297,8 @@ class Run:
         """A diverged run stops here, before a non-finite loss or weight reaches a plan or a checkpoint (a fp16
         GradScaler's skipped steps leave both finite). Every rank decides the same: the flags are summed."""
         bad_loss = not bool(torch.isfinite(loss_sum))
-        bad_weights = not bool(torch.stack([p.isfinite().all() for p in self.model.parameters()]).all())
+        bad_weights = not bool(torch.stack([(p.to_local() if hasattr(p, "device_mesh") else p).isfinite().all()
+                                            for p in self.model.parameters()]).all())  # FSDP2: this rank's shards
         bad_loss, bad_weights = self.dist.sum(int(bad_loss), int(bad_weights))
         if bad_loss or bad_weights:
             what = "the loss" + (" and the weights" if bad_weights else "") if bad_loss else "the weights"
@@ -296,12 +316,18 @@ class Run:
         self.model.eval()
         summed, count = torch.zeros((), device=self.device), 0
         runner = self.runner if self.cfg.compile else self.model  # not DDP, whose forward may sync: shards differ
+        batches = 0
         for x, y in self.loader(self.data.val, False, 0):
             x, y = self._to(x), self._to(y)
             with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
                 out = runner(x)
             summed += self.task.eval_sum(out, y)
             count += self.task.count(y)
+            batches += 1
+        if self.sharded is not None and batches:  # FSDP2's forward is a collective: as many on every rank
+            most = int(max(self.dist.sum(*[batches if r == self.rank else 0 for r in range(self.world)])))
+            for _ in range(most - batches):
+                runner(x)
         self.model.train()
         summed, count = self.dist.sum(float(summed), count)
         return self.task.val_metrics(summed, count)
@@ -435,7 +461,9 @@ def _train(cfg: TrainConfig, resume_dir: str | None, console, d: Dist) -> dict[s
             f"epoch {run.epoch:>3}: loss {record['train_loss']:.4f}  {run.task.describe(val)}  channels {record['channels']}  "
             f"FLOPs/img {record['flops'] / 1e6:.1f}M  train FLOPs {run.train_flops / 1e12:.3f}T "
             f"({record['train_flops_share']:.1%} of dense)  {record['seconds']:.1f} s")
-        if d.main:
+        if run.sharded is not None:  # FSDP2: a collective, every rank writes its shards
+            _save_sharded(run, run_dir, last=run.epoch == cfg.epochs)
+        elif d.main:
             ckpt.save(run_dir / "checkpoint.pt", run.state())
     if log:
         log.close()
@@ -450,3 +478,18 @@ def _train(cfg: TrainConfig, resume_dir: str | None, console, d: Dist) -> dict[s
     if hint and d.main:
         console.print(hint)
     return summary
+
+
+def _save_sharded(run: Run, run_dir: Path, last: bool) -> None:
+    """FSDP2's checkpoint: the shards through torch.distributed.checkpoint, then rank 0's checkpoint.pt naming them
+    (plans, config, schedule, RNG); the last epoch's also holds the whole model, gathered one tensor at a time, so
+    that `ptgraph export RUN_DIR` and `checkpoint.rebuild` read it as an ordinary file."""
+    from ptgraph.trainers.fsdp import full_state_dict
+
+    name = ckpt.save_sharded(run_dir, f"e{run.epoch}", run.model, run.opt)
+    state = {**run.state(), "sharded": name}
+    if last:
+        state["model"] = full_state_dict(run.model)
+    if run.dist.main:
+        ckpt.save(run_dir / "checkpoint.pt", state)
+        ckpt.drop_older_sharded(run_dir, name)

@@ -149,6 +149,8 @@ class PruneTrain:
         self._observed: tuple | None = None  # the last training inputs `observe` was given (sensitivity allocation)
         self._warned_unobserved = False
         self.blocks = None  # allocation "config": the widths a config holds, each cut alike in every block
+        self.values: nn.Module | None = None  # FSDP2 (trainers/fsdp.py): the sharded module holding the values
+        self.sharded = None  # FSDP2: the trainers.fsdp.Sharded that reconfigures; `model` is then a meta skeleton
         if self.allocation == "config":
             from ptgraph.trainers.uniform_blocks import config_blocks
 
@@ -182,13 +184,13 @@ class PruneTrain:
     @property
     def index(self) -> ChannelIndex:
         if self._index is None:
-            device = next(self.model.parameters()).device
+            device = self._device()
             self._index = build_index(self._groups(), self.model, device)
         return self._index
 
     def lasso(self) -> torch.Tensor:
         """The group lasso: sum of every prunable channel's L2 norm over all its member slices."""
-        return group_lasso(self.index, self.model)
+        return group_lasso(self.index, self._values())
 
     def calibrate(self, task_loss: float) -> float:
         """The first lambda: from the loss and the penalty ratio, or, with a target, steered to the schedule."""
@@ -222,7 +224,7 @@ class PruneTrain:
         if self._pending:
             if self.weights is not None and self._weights_on_device is None:
                 self._weights_on_device = torch.as_tensor(self.weights, device=self.index.slots.device)
-            proximal_step(self.index, self.model, self._pending, self._weights_on_device)
+            proximal_step(self.index, self._values(), self._pending, self._weights_on_device)
             self._pending = 0.0
 
     def observe(self, *inputs: Any) -> None:
@@ -239,7 +241,7 @@ class PruneTrain:
     @torch.no_grad()
     def channel_norms(self) -> dict[int, np.ndarray]:
         """Every prunable group's channel norms (L2 over all member slices)."""
-        norms = channel_sq_norms(self.index, self.model).sqrt().float().cpu().numpy()
+        norms = channel_sq_norms(self.index, self._values()).sqrt().float().cpu().numpy()
         return {gid: norms[s] for gid, s in self.index.group_slices.items()}
 
     @property
@@ -289,8 +291,16 @@ class PruneTrain:
         plan = self._checked(plan)
         return plan, (shrink(self.analysis, plan, self.optimizer) if plan.keep else None)
 
+    def _values(self) -> nn.Module:
+        """The module whose parameters hold the values: the model, or under FSDP2 its sharded copy."""
+        return self.model if self.values is None else self.values
+
+    def _device(self) -> torch.device:
+        p = next(self._values().parameters())
+        return p.device if not hasattr(p, "device_mesh") else torch.device(p.device_mesh.device_type)
+
     def _probe_on_device(self) -> tuple:
-        device = next(self.model.parameters()).device
+        device = self._device()
         return tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in self.probe)
 
     def _unchecked_plan(self) -> PrunePlan:
@@ -436,7 +446,7 @@ class PruneTrain:
     def _world(self) -> Dist:
         """The process group torchrun or Lightning initialised, if any: plans and the lasso's strength are then
         decided on rank 0 and broadcast, so every rank shrinks alike (float noise could tip a threshold)."""
-        return current(next(self.model.parameters()).device)
+        return current(self._device())
 
     def _first_lambda(self, task_loss: float) -> float:
         """`calibrate`; across ranks, from the mean loss, decided on rank 0 (with its lasso weights) for all."""
@@ -444,7 +454,7 @@ class PruneTrain:
         if not world.active:
             return self.calibrate(task_loss)
         (mean,) = world.sum(task_loss / world.world)
-        if world.main:
+        if world.main or self.sharded is not None:  # FSDP2: the norms are a collective, every rank computes
             self.lam = self.calibrate(mean)
         self.load_budget_state(world.broadcast_object(self.budget_state()))
         return self.lam
@@ -454,6 +464,8 @@ class PruneTrain:
         A plan passed in (a replay, or rank 0's under torchrun) is applied as it is, without steering.
         Without one, under an initialised process group, rank 0 plans and every rank applies its plan: the
         same Reconfiguration (or None) on every rank tells the loop to rebuild DDP and recompile."""
+        if self.sharded is not None:  # FSDP2: every rank together (trainers/fsdp.py)
+            return self.sharded.reconfigure(plan)
         start = time.perf_counter()
         world = self._world() if plan is None else None
         distributed = world is not None and world.active

@@ -1,0 +1,324 @@
+"""PruneTrain under FSDP2 on the CPU: 2 gloo processes, each holding half of every parameter and of the optimizer
+state, against one process on the same global batch: the same plans, the same losses, the same optimizer state
+after a shrink (gathered), the self-check and its freezing."""
+import os
+import socket
+import traceback
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+pytest.importorskip("torch.distributed.fsdp")
+if not hasattr(__import__("torch.distributed.fsdp", fromlist=["x"]), "fully_shard"):
+    pytest.skip("FSDP2 (fully_shard) needs torch >= 2.6", allow_module_level=True)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Block(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(width, width, 3, padding=1), nn.Conv2d(width, width, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.b(torch.relu(self.a(x)))
+
+
+class StageNet(nn.Module):
+    """Repeated blocks without BatchNorm: 2 ranks on half batches compute what 1 process computes."""
+
+    def __init__(self, width: int = 12) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, padding=1)
+        self.blocks = nn.Sequential(*[Block(width) for _ in range(3)])
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.blocks(torch.relu(self.stem(x)))).mean((2, 3)))
+
+
+def _gpt():
+    from ptgraph.lm_models import gpt
+
+    return gpt(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_embd=32)
+
+
+def _batches(kind: str, steps: int, batch: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    if kind == "gpt":
+        blocks = [torch.randint(0, 64, (batch, 17), generator=g) for _ in range(steps)]
+        return [(b[:, :16], b[:, 1:]) for b in blocks]
+    return [(torch.randn(batch, 3, 8, 8, generator=g), torch.randint(0, 10, (batch,), generator=g)) for _ in range(steps)]
+
+
+def _state(opt, module) -> dict[str, dict[str, torch.Tensor]]:
+    """The optimizer's per-parameter tensors by parameter name, whole (gathered from the shards)."""
+    out = {}
+    for name, p in module.named_parameters():
+        out[name] = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+                     for k, v in opt.state.get(p, {}).items() if isinstance(v, torch.Tensor) and v.dim()}
+    return out
+
+
+def _train(kind: str, rank: int, world: int, steps: int = 16) -> dict:
+    """The same run in one process (world 1) or sharded over `world` ranks, each on its share of the global batch."""
+    import torch.distributed as dist
+
+    from ptgraph.trainers import fsdp
+    from ptgraph.trainers.prunetrain import PruneTrain
+
+    torch.manual_seed(0)
+    model = _gpt() if kind == "gpt" else StageNet()
+    data = _batches(kind, steps)
+    pt = PruneTrain(model, (data[0][0][:2],), None, target_flops=0.5, total_steps=steps, prune_until=0.5,
+                    reconfigurations=3)
+    sharded = fsdp.shard(pt) if world > 1 else None
+    module = sharded.module if sharded else pt.model
+    opt = (torch.optim.AdamW(module.parameters(), lr=3e-3) if kind == "gpt"
+           else torch.optim.SGD(module.parameters(), lr=0.05, momentum=0.9))
+    pt.optimizer = opt
+    losses, plans, first_state = [], [], None
+    for x, y in data:
+        n = len(x) // world
+        x, y = x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
+        out = module(x)
+        loss = nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        pt.after_step()
+        total = loss.detach().clone()
+        if world > 1:
+            dist.all_reduce(total)
+        losses.append(float(total) / world)
+        if pt.reconfiguration_due():
+            r = pt.reconfigure()
+            module = sharded.module if sharded else module
+            if r is not None:
+                plans.append(r.plan.to_json())
+                if first_state is None:
+                    first_state = _state(opt, module)
+    final = fsdp.full_state_dict(module) if sharded else {k: v.clone() for k, v in module.state_dict().items()}
+    units = sum(type(m).__name__.startswith("FSDP") for m in module.modules())  # one per block's modules + root
+    return {"losses": losses, "plans": plans, "share": pt.flops / pt.dense_flops, "state": first_state,
+            "final": final, "note": pt.check_note, "units": units}
+
+
+def _zero_branch(pt, channels) -> int:
+    group = [g for g in pt.analysis.groups if g.prunable and any(m.name == "a.weight" for m in g.members)][0]
+    params = dict(pt.model.named_parameters())
+    with torch.no_grad():
+        for m in group.members:
+            if m.name in params:
+                hit = m.positions[np.isin(m.channels, channels)]
+                params[m.name].index_fill_(m.axis, torch.as_tensor(hit), 0.0)
+    return group.id
+
+
+def _self_check(rank: int, world: int) -> dict:
+    """A correct shrink passes the check under FSDP2; a deliberately broken rule (the cat's channels listed in
+    reverse, as tests/test_guards.py breaks it) is caught: the group frozen, the sharded model and its optimizer state untouched, training goes on."""
+    from toy_models import CatNet
+
+    from ptgraph.passes import rules
+    from ptgraph.passes.rules import slicing
+    from ptgraph.trainers import fsdp
+    from ptgraph.trainers.prunetrain import PruneTrain
+
+    results = {}
+    for broken in (False, True):
+        saved = dict(rules.RULES)
+        if broken:
+            def reversed_cat(ctx):
+                out = slicing.cat(ctx)
+                out[1] = np.concatenate([ctx.type_of(n)[1] for n in ctx.arg(0, "tensors")][::-1])
+                return out
+            for target in (torch.cat, torch.concat, torch.concatenate):
+                rules.RULES[target] = reversed_cat
+        try:
+            torch.manual_seed(0)
+            x = torch.randn(4, 3, 8, 8)
+            pt = PruneTrain(CatNet(), (x[:2],), None, penalty_ratio=0.5, threshold=1e-6)
+            branch = _zero_branch(pt, [0, 1, 2])
+            sharded = fsdp.shard(pt)
+            opt = torch.optim.SGD(sharded.module.parameters(), lr=0.0, momentum=0.9)  # momentum, weights as they are
+            pt.optimizer = opt
+            sharded.module(x[rank * 2:rank * 2 + 2]).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+            opt.param_groups[0]["lr"] = 0.1
+            before = fsdp.full_state_dict(sharded.module)
+            momentum = _state(opt, sharded.module)
+            r = pt.reconfigure()
+            after = fsdp.full_state_dict(sharded.module)
+            results[broken] = {"shrunk": r is not None, "frozen": branch in pt.frozen, "note": pt.check_note,
+                               "same": all(torch.equal(before[k], after[k]) for k in before) if not r else None,
+                               "momentum": all(torch.equal(momentum[k]["momentum_buffer"], v["momentum_buffer"])
+                                               for k, v in _state(opt, sharded.module).items()) if not r else None,
+                               "planned_again": branch in pt.plan().keep}
+            sharded.module(x[rank * 2:rank * 2 + 2]).square().mean().backward()  # it trains on
+            opt.step()
+        finally:
+            rules.RULES.clear()
+            rules.RULES.update(saved)
+    return results
+
+
+JOBS = {"gpt": lambda r, w: _train("gpt", r, w), "cnn": lambda r, w: _train("cnn", r, w), "self_check": _self_check}
+
+
+def _worker(rank: int, world: int, port: int, job: str, out: Path, args: tuple = ()) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        result = (_loop_job if job == "loop" else JOBS[job])(rank, world, *args)
+        torch.save(result, out / f"rank{rank}.pt")
+    except Exception:  # noqa: BLE001 - the test reads what happened
+        (out / f"rank{rank}.err").write_text(traceback.format_exc())
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _spawn(job: str, out: Path, world: int = 2, args: tuple = ()) -> list[dict]:
+    out.mkdir(parents=True, exist_ok=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_worker, args=(r, world, port, job, out, args)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=400)
+        if p.is_alive():
+            p.kill()
+    errors = [e.read_text() for e in sorted(out.glob("*.err"))]
+    assert not errors, errors[0]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+@pytest.mark.parametrize("kind", ["gpt", "cnn"])
+def test_two_sharded_ranks_match_one_process_plans_losses_and_optimizer_state(kind, tmp_path):
+    one = _train(kind, 0, 1)
+    two = _spawn(kind, tmp_path)
+    assert len(one["plans"]) >= 2 and one["note"] is None
+    assert two[0]["plans"] == two[1]["plans"] == one["plans"]  # the same plan at every reconfiguration
+    assert two[0]["share"] == pytest.approx(one["share"]) and one["share"] == pytest.approx(0.5, abs=0.05)
+    np.testing.assert_allclose(two[0]["losses"], one["losses"], rtol=1e-4)
+    assert two[0]["losses"] == two[1]["losses"]
+    assert two[0]["units"] > 4  # each repeated block sharded on its own, the root too, after the shrinks as before
+    state = two[0]["state"]  # Adam's moments or SGD's momentum right after the first shrink, gathered
+    assert set(state) == set(one["state"]) and all(state.values())
+    for name, tensors in one["state"].items():
+        for key, value in tensors.items():
+            torch.testing.assert_close(state[name][key], value, rtol=1e-4, atol=1e-6, msg=f"{name} {key}")
+    # The final weights as a whole: a key bias has a zero gradient in exact arithmetic (softmax ignores it), and Adam
+    # turns its float noise into full-size steps, so it alone may differ by lr-sized amounts.
+    assert set(two[0]["final"]) == set(one["final"])
+    a, b = (torch.cat([r["final"][k].flatten().double() for k in sorted(one["final"])]) for r in (two[0], one))
+    assert float((a - b).norm() / b.norm()) < 1e-3
+
+
+def test_the_self_check_passes_correct_shrinks_and_freezes_a_broken_rule_under_fsdp(tmp_path):
+    ranks = _spawn("self_check", tmp_path)
+    assert ranks[0] == ranks[1]
+    good, bad = ranks[0][False], ranks[0][True]
+    assert good["shrunk"] and not good["frozen"] and good["note"] is None
+    assert not bad["shrunk"] and bad["frozen"] and "would change the model" in bad["note"]
+    assert bad["same"] and bad["momentum"] and not bad["planned_again"]
+
+
+def test_shard_refuses_what_it_cannot_do_in_one_sentence():
+    from ptgraph.errors import UserError
+    from ptgraph.trainers import fsdp
+    from ptgraph.trainers.prunetrain import PruneTrain
+
+    pt = PruneTrain(StageNet(), (torch.randn(2, 3, 8, 8),), None, target_flops=0.5, total_steps=10)
+    with pytest.raises(UserError, match="torchrun"):
+        fsdp.shard(pt)
+    assert fsdp.repeated_blocks(pt.model) == ["blocks.0", "blocks.1", "blocks.2"]
+
+
+def _cli_cfg(run_dir: Path, **kw):
+    from ptgraph.trainers.config import TrainConfig
+
+    base = dict(model="ptgraph:gpt?n_embd=32&n_layer=2", data="tokens:synthetic", epochs=3, batch_size=4,
+                steps_per_epoch=6, target_flops=0.5, run_dir=str(run_dir), tensorboard=False, device="cpu",
+                dist_timeout=60.0, fsdp=True)
+    return TrainConfig(**{**base, **kw})
+
+
+def _loop_job(rank: int, world: int, out: Path, store_port: int) -> dict:
+    """The CLI's loop under FSDP2: a whole run; a run stopped in its last epoch (both ranks, as torchrun stops the
+    survivors of a kill) and resumed from its sharded checkpoint."""
+    import ptgraph.trainers.loop as loop
+    from ptgraph.trainers import checkpoint as ckpt
+
+    import torch.distributed as dist
+
+    dist.destroy_process_group()  # train() joins the group itself, through the test's store
+    os.environ.update(TORCHELASTIC_USE_AGENT_STORE="True", MASTER_PORT=str(store_port))
+    whole = loop.train(_cli_cfg(out / "whole"))
+    step = loop.Run.train_step
+
+    def dying(self, x, y):
+        if self.pt.steps == 14:  # in epoch 3: the checkpoint of epoch 2 is the last one
+            raise KeyboardInterrupt
+        return step(self, x, y)
+
+    loop.Run.train_step = dying
+    try:
+        loop.train(_cli_cfg(out / "killed"))
+    except KeyboardInterrupt:
+        pass
+    loop.Run.train_step = step
+    stopped = ckpt.load(out / "killed")["epoch"]
+    resumed = loop.train(_cli_cfg(out / "killed"), resume_dir=str(out / "killed"))
+    return {"whole": whole, "resumed": resumed, "stopped": stopped}
+
+
+def test_the_cli_loop_under_fsdp_reaches_the_target_and_resumes_its_sharded_checkpoint(tmp_path):
+    import torch.distributed as dist
+
+    from ptgraph.trainers import checkpoint as ckpt
+
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)  # re-joined by every train()
+    ranks = _spawn("loop", tmp_path / "ranks", args=(tmp_path, store.port))
+    whole, resumed = ranks[0]["whole"], ranks[0]["resumed"]
+    assert whole["flops"] / whole["dense_flops"] == pytest.approx(0.5, abs=0.05)
+    assert ranks[0]["stopped"] == 2 and resumed["flops"] == whole["flops"]
+    assert resumed["val_loss"] == pytest.approx(whole["val_loss"], rel=1e-5)
+    a, b = ckpt.load(tmp_path / "whole"), ckpt.load(tmp_path / "killed")
+    assert a["plans"] == b["plans"] and len(a["plans"]) >= 2 and a["sharded"] == "checkpoint-e3.dcp"
+    for name, value in a["model"].items():  # the last checkpoint holds the whole model as one ordinary file
+        torch.testing.assert_close(b["model"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+    assert [p.name for p in (tmp_path / "whole").glob("*.dcp")] == ["checkpoint-e3.dcp"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--fsdp"], "--fsdp shards the model across processes"),
+    (["--fsdp", "--nproc-per-node", "1"], "--fsdp shards the model across processes"),
+    (["--fsdp", "--compile"], "--fsdp with --compile is not supported"),
+])
+def test_bad_fsdp_combinations_are_one_line_and_exit_2(argv, message, capsys, monkeypatch):
+    from ptgraph.cli import main
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert main(["prune-train", "--model", "ptgraph:resnet20", "--device", "cpu", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
