@@ -25,6 +25,20 @@ def llama():
                                               pad_token_id=1))
 
 
+def qwen2():
+    return tf.Qwen2ForCausalLM(tf.Qwen2Config(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                              hidden_size=64, intermediate_size=128, vocab_size=VOCAB,
+                                              max_position_embeddings=64, bos_token_id=0, eos_token_id=1,
+                                              pad_token_id=1, tie_word_embeddings=False))
+
+
+def mistral():
+    return tf.MistralForCausalLM(tf.MistralConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                  hidden_size=64, intermediate_size=128, vocab_size=VOCAB,
+                                                  max_position_embeddings=64, bos_token_id=0, eos_token_id=1,
+                                                  pad_token_id=1, sliding_window=None))
+
+
 def gpt2():
     return tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=2, n_head=4, n_embd=64, vocab_size=VOCAB, n_positions=64,
                                             bos_token_id=0, eos_token_id=1, pad_token_id=1, resid_pdrop=0.0,
@@ -60,7 +74,8 @@ class Data(torch.utils.data.Dataset):
         return {"input_ids": self.tokens[i], "labels": self.labels[i]}
 
 
-MODELS = {"llama": (llama, "lm"), "gpt2": (gpt2, "lm"), "bert": (bert, "cls"), "vit": (vit, "image")}
+MODELS = {"llama": (llama, "lm"), "qwen2": (qwen2, "lm"), "mistral": (mistral, "lm"), "gpt2": (gpt2, "lm"),
+          "bert": (bert, "cls"), "vit": (vit, "image")}
 
 
 def make_trainer(name: str, out, steps: int = 12, callback=None, **args):
@@ -109,7 +124,8 @@ def load_quietly(cls, directory):
     return model.eval()
 
 
-AUTO = {"llama": "AutoModelForCausalLM", "gpt2": "AutoModelForCausalLM", "bert": "AutoModelForSequenceClassification",
+AUTO = {"llama": "AutoModelForCausalLM", "qwen2": "AutoModelForCausalLM", "mistral": "AutoModelForCausalLM",
+        "gpt2": "AutoModelForCausalLM", "bert": "AutoModelForSequenceClassification",
         "vit": "AutoModelForImageClassification"}
 EXTRA = {"llama": dict(gradient_accumulation_steps=2, bf16=True)}  # accumulation and bf16 autocast on one model
 

@@ -43,6 +43,7 @@ class Blocks:
     knobs: tuple[Knob, ...]
     outside: frozenset[int]  # prunable groups no config width holds: never cut under this allocation
     attrs: tuple[tuple[str, int, int], ...] = ()  # (config attribute, group, per channel): attribute = channels x per
+    pinned: tuple[tuple[str, int], ...] = ()  # config attributes written as they are (a derived head_dim made explicit)
 
 
 def _site(name: str) -> tuple[int, ...]:

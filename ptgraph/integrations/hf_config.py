@@ -69,8 +69,16 @@ def fit_blocks(model: nn.Module, analysis: ChannelAnalysis, multiple: int = 8) -
     nh, nkv = getattr(config, "num_attention_heads", None), getattr(config, "num_key_value_heads", None)
     probe = _edited(config, hidden_size=hidden + multiple * nh) if isinstance(hidden, int) and isinstance(nh, int) else None
     heads = [k for k in blocks.knobs if k.heads]
-    if heads and probe is not None and _moves(model, probe, [m for k in heads for m in _members(analysis, k.groups[0])], base):
-        blocks = find_blocks(analysis, multiple, tie=True)
+    head_members = [m for k in heads for m in _members(analysis, k.groups[0])]
+    pinned: tuple[tuple[str, int], ...] = ()
+    if heads and probe is not None and _moves(model, probe, head_members, base):
+        # the heads' width follows the hidden size unless the config can say it (Qwen2 reads head_dim if set)
+        pin = (("head_dim", hidden // nh),) if hidden % nh == 0 else ()
+        if pin and not _moves(model, _edited(config, **dict(pin)), [(n, a) for n in base for a in range(len(base[n]))],
+                              base) and not _moves(model, _edited(probe, **dict(pin)), head_members, base):
+            pinned = pin
+        else:
+            blocks = find_blocks(analysis, multiple, tie=True)
     attrs, kept = [], []
     for knob in blocks.knobs:
         g = knob.groups[0]
@@ -101,7 +109,7 @@ def fit_blocks(model: nn.Module, analysis: ChannelAnalysis, multiple: int = 8) -
                   if size[g] == hidden and _moves(model, probe, _members(analysis, g), base)]
         kept[holder] = replace(knob, followers=knob.followers + tuple((g, ratio) for g in tagged))
         outside -= set(tagged)
-    return replace(blocks, knobs=tuple(kept), outside=frozenset(outside), attrs=tuple(attrs))
+    return replace(blocks, knobs=tuple(kept), outside=frozenset(outside), attrs=tuple(attrs), pinned=pinned)
 
 
 def _width_attr(model: nn.Module, config: Any, analysis: ChannelAnalysis, knob: Knob, width: int,
@@ -119,9 +127,10 @@ def _width_attr(model: nn.Module, config: Any, analysis: ChannelAnalysis, knob: 
 
 
 def pruned_config(model: nn.Module, blocks: Blocks, analysis: ChannelAnalysis) -> Any:
-    """The model's config with every width the allocation cut set to what it keeps now (head_dim untouched)."""
+    """The model's config with every width the allocation cut set to what it keeps now, and the sizes it must
+    now state because they no longer follow from the others (head_dim, where derived from the hidden size)."""
     size = {g.id: g.size for g in analysis.groups}
-    return _edited(model.config, **{a: size[g] * per for a, g, per in blocks.attrs})
+    return _edited(model.config, **dict(blocks.pinned), **{a: size[g] * per for a, g, per in blocks.attrs})
 
 
 def mismatch(model: nn.Module, config: Any) -> str | None:
