@@ -322,3 +322,45 @@ def test_bad_fsdp_combinations_are_one_line_and_exit_2(argv, message, capsys, mo
     assert main(["prune-train", "--model", "ptgraph:resnet20", "--device", "cpu", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def _diverge_job(rank: int, world: int, out: Path, store_port: int) -> dict:
+    """A NaN in one rank's shard in epoch 2: every rank stops with the same one-line error, epoch 1's checkpoint kept."""
+    import torch.distributed as dist
+
+    import ptgraph.trainers.loop as loop
+    from ptgraph.errors import UserError
+
+    dist.destroy_process_group()
+    os.environ.update(TORCHELASTIC_USE_AGENT_STORE="True", MASTER_PORT=str(store_port))
+    step = loop.Run.train_step
+
+    def poisoned(self, x, y):
+        if self.pt.steps == 8 and rank == 0:  # epoch 2 of 6-step epochs, between two reconfigurations
+            with torch.no_grad():
+                p = next(self.model.parameters())
+                (p.to_local() if hasattr(p, "to_local") else p).view(-1)[0] = float("nan")
+        return step(self, x, y)
+
+    loop.Run.train_step = poisoned
+    try:
+        loop.train(_cli_cfg(out / "run"))
+        return {"error": None}
+    except UserError as e:
+        return {"error": str(e)}
+    finally:
+        loop.Run.train_step = step
+
+
+JOBS["diverge"] = _diverge_job
+
+
+def test_a_nan_in_one_shard_stops_every_rank_with_one_line(tmp_path):
+    import torch.distributed as dist
+
+    from ptgraph.trainers import checkpoint as ckpt
+
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    ranks = _spawn("diverge", tmp_path / "ranks", args=(tmp_path, store.port))
+    assert ranks[0]["error"] == ranks[1]["error"] and "training diverged in epoch 2" in ranks[0]["error"]
+    assert "\n" not in ranks[0]["error"] and ckpt.load(tmp_path / "run")["epoch"] == 1
