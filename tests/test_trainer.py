@@ -178,26 +178,26 @@ def test_resume_after_kill_mid_epoch_and_mid_shrink_is_bit_identical(tmp_path, m
     assert resumed.keys() == reference.keys()
     assert all(torch.equal(resumed[k], reference[k]) for k in reference)
 
-    # killed in the middle of a shrink (after some tensors were sliced)
+    # killed in the middle of a shrink (after some tensors were sliced): the reconfiguration's shrink is the one
+    # fused with its self-check (passes/trial.py), which slices tensor by tensor
     import importlib
 
-    shrink_module = importlib.import_module("ptgraph.passes.shrink")  # the package re-exports a function of that name
-
-    real_slice = shrink_module._slice_tensor
+    trial = importlib.import_module("ptgraph.passes.trial")
+    real_shrink = trial._shrink
     count = {"n": 0}
 
-    def dying_slice(*args, **kwargs):
-        real = bool(args[4])  # the run's own model carries optimizer state; the self-check's copies do not
-        if real and (tmp_path / "c" / "run" / "checkpoint.pt").exists():  # a shrink after epoch 1 was saved
+    def dying_shrink(cut):
+        if (tmp_path / "c" / "run" / "checkpoint.pt").exists():  # a shrink after epoch 1 was saved
             count["n"] += 1
             if count["n"] == 3:  # some tensors are sliced, others not
                 raise Killed()
-        return real_slice(*args, **kwargs)
+        return real_shrink(cut)
 
-    monkeypatch.setattr(shrink_module, "_slice_tensor", dying_slice)
+    monkeypatch.setattr(trial, "_shrink", dying_shrink)
     with pytest.raises(Killed):
         train(_cfg(tmp_path / "c"))
-    monkeypatch.setattr(shrink_module, "_slice_tensor", real_slice)
+    assert count["n"] == 3
+    monkeypatch.setattr(trial, "_shrink", real_shrink)
     train(_cfg(tmp_path / "c"), resume_dir=str(tmp_path / "c" / "run"))
     again, _ = _weights(tmp_path / "c" / "run")
     assert all(torch.equal(again[k], reference[k]) for k in reference)

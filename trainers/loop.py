@@ -242,11 +242,9 @@ class Run:
         goal = self.pt.scheduled_flops
         with warnings.catch_warnings():  # the self-check's note is printed below, once
             warnings.simplefilter("ignore")
-            if self.sharded is not None:  # FSDP2: every rank together (norms, checks and re-sharding are collectives)
-                r = self.pt.reconfigure()
-            else:
-                plan = self.pt.plan() if self.dist.main else None
-                r = self.pt.reconfigure(self.dist.broadcast_plan(plan))
+            # rank 0 plans, checks and shrinks in one pass and broadcasts its plan; the other ranks apply it (under
+            # FSDP2 every rank takes part: norms, checks and re-sharding are collectives)
+            r = self.pt.reconfigure()
         # rank 0 planned, checked and steered: the same lambda, gain, weights and frozen groups on every rank
         self.pt.load_budget_state(self.dist.broadcast_object(self.pt.budget_state()))
         if self.pt.check_note:
