@@ -34,6 +34,8 @@ UNARY_MODULES = [
 UNARY_ATEN = aten(
     "relu.default", "relu_.default", "relu6.default", "gelu.default", "silu.default", "silu_.default", "mish.default",
     "hardswish.default", "hardsigmoid.default", "hardtanh.default", "hardtanh_.default", "elu.default", "selu.default",
+    "hardswish_.default", "hardsigmoid_.default", "gelu_.default", "mish_.default", "elu_.default", "selu_.default",
+    "celu_.default", "leaky_relu_.default", "sigmoid_.default", "tanh_.default", "relu6_.default",
     "celu.default", "leaky_relu.default", "softplus.default", "sigmoid.default", "tanh.default", "exp.default",
     "log.default", "sqrt.default", "rsqrt.default", "abs.default", "neg.default", "square.default", "clamp.default",
     "clamp_min.default", "clamp_max.default", "erf.default", "sin.default", "cos.default", "nan_to_num.default",
