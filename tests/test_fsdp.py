@@ -259,11 +259,11 @@ def _cli_cfg(run_dir: Path, **kw):
 
     base = dict(model="ptgraph:gpt?n_embd=32&n_layer=2", data="tokens:synthetic", epochs=3, batch_size=4,
                 steps_per_epoch=6, target_flops=0.5, run_dir=str(run_dir), tensorboard=False, device="cpu",
-                dist_timeout=300.0, fsdp=True)  # a loaded machine: rank 0 alone writes the report
+                dist_timeout=60.0, fsdp=True)
     return TrainConfig(**{**base, **kw})
 
 
-def _loop_job(rank: int, world: int, out: Path, store_port: int) -> dict:
+def _loop_job(rank: int, world: int, out: Path, store_ports: list[int]) -> dict:
     """The CLI's loop under FSDP2: a whole run; a run stopped in its last epoch (both ranks, as torchrun stops the
     survivors of a kill) and resumed from its sharded checkpoint."""
     import ptgraph.trainers.loop as loop
@@ -272,7 +272,9 @@ def _loop_job(rank: int, world: int, out: Path, store_port: int) -> dict:
     import torch.distributed as dist
 
     dist.destroy_process_group()  # train() joins the group itself, through the test's store
-    os.environ.update(TORCHELASTIC_USE_AGENT_STORE="True", MASTER_PORT=str(store_port))
+    # a fresh store for every run, as every torchrun launch has: a group re-created on a used store can read the
+    # previous group's addresses and hang in init_process_group
+    os.environ.update(TORCHELASTIC_USE_AGENT_STORE="True", MASTER_PORT=str(store_ports[0]))
     whole = loop.train(_cli_cfg(out / "whole"))
     step = loop.Run.train_step
 
@@ -282,12 +284,14 @@ def _loop_job(rank: int, world: int, out: Path, store_port: int) -> dict:
         return step(self, x, y)
 
     loop.Run.train_step = dying
+    os.environ["MASTER_PORT"] = str(store_ports[1])
     try:
         loop.train(_cli_cfg(out / "killed"))
     except KeyboardInterrupt:
         pass
     loop.Run.train_step = step
     stopped = ckpt.load(out / "killed")["epoch"]
+    os.environ["MASTER_PORT"] = str(store_ports[2])
     resumed = loop.train(_cli_cfg(out / "killed"), resume_dir=str(out / "killed"))
     return {"whole": whole, "resumed": resumed, "stopped": stopped}
 
@@ -297,8 +301,8 @@ def test_the_cli_loop_under_fsdp_reaches_the_target_and_resumes_its_sharded_chec
 
     from ptgraph.trainers import checkpoint as ckpt
 
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)  # re-joined by every train()
-    ranks = _spawn("loop", tmp_path / "ranks", args=(tmp_path, store.port))
+    stores = [dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False) for _ in range(3)]  # one a run
+    ranks = _spawn("loop", tmp_path / "ranks", args=(tmp_path, [s.port for s in stores]))
     whole, resumed = ranks[0]["whole"], ranks[0]["resumed"]
     assert whole["flops"] / whole["dense_flops"] == pytest.approx(0.5, abs=0.05)
     assert ranks[0]["stopped"] == 2 and resumed["flops"] == whole["flops"]
