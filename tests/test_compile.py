@@ -11,12 +11,12 @@ from ptgraph.trainers.compiling import Compiler, eager_fallbacks
 from ptgraph.trainers.config import TrainConfig
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_dynamo")
+
+
+@pytest.fixture
+def fresh_dynamo():
     yield
-    torch.set_num_threads(threads)
     torch._dynamo.reset()
 
 

@@ -26,13 +26,7 @@ from ptgraph.trainers.distributed import ShardSampler
 TESTS = Path(__file__).parent
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Each rank takes one core of this 2-core machine; the in-process runs too, for comparable timings."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(tmp_path, **kw):

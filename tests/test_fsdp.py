@@ -17,12 +17,7 @@ if not hasattr(__import__("torch.distributed.fsdp", fromlist=["x"]), "fully_shar
     pytest.skip("FSDP2 (fully_shard) needs torch >= 2.6", allow_module_level=True)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Block(nn.Module):
@@ -115,14 +110,11 @@ def _train(kind: str, rank: int, world: int, steps: int = 16) -> dict:
 
 
 def _zero_branch(pt, channels) -> int:
-    group = [g for g in pt.analysis.groups if g.prunable and any(m.name == "a.weight" for m in g.members)][0]
-    params = dict(pt.model.named_parameters())
-    with torch.no_grad():
-        for m in group.members:
-            if m.name in params:
-                hit = m.positions[np.isin(m.channels, channels)]
-                params[m.name].index_fill_(m.axis, torch.as_tensor(hit), 0.0)
-    return group.id
+    from test_guards import _zero_channels
+
+    gid = [g.id for g in pt.analysis.groups if g.prunable and any(m.name == "a.weight" for m in g.members)][0]
+    _zero_channels(pt, gid, channels)
+    return gid
 
 
 def _self_check(rank: int, world: int) -> dict:

@@ -396,15 +396,6 @@ class Sharded:
         self.module = pt.values = cand.module
         return report
 
-    def _freeze(self, bad: set[int], err: float) -> None:
-        pt = self.pt
-        pt.frozen.update(bad)
-        pt._index = None
-        pt._set_weights(None)
-        pt.check_note = (f"self-check: shrinking group(s) {', '.join(f'g{g}' for g in sorted(bad))} would change "
-                         f"the model (relative error {err:.2g} > {tolerance_for(self.module):g}); they stay as they "
-                         f"are and are frozen for the rest of the run")
-
     def apply(self, plan: PrunePlan) -> ShrinkReport | None:
         """Shrink by `plan` on every rank (the same plan everywhere), self-checked unless the PruneTrain object's
         self_check is off; a group that fails the check is left out and frozen. Returns what was adopted."""
@@ -420,11 +411,11 @@ class Sharded:
             if cand is None:  # one group at a time finds the culprits (rare: a wrong rule)
                 bad = {g for g in sorted(plan.keep) if self._try(PrunePlan({g: plan.keep[g]}))[0] is None}
                 bad = bad or set(plan.keep)
-                self._freeze(bad, err)
+                self.pt.freeze_failing(bad, err, tolerance_for(self.module))
                 plan = PrunePlan({g: k for g, k in plan.keep.items() if g not in bad})
                 cand = self._try(plan)[0] if plan.keep else None
                 if cand is None and plan.keep:
-                    self._freeze(set(plan.keep), err)
+                    self.pt.freeze_failing(plan.keep, err, tolerance_for(self.module))
             pt.check_seconds += time.perf_counter() - start
         report = self._adopt(plan, cand) if cand is not None else None
         self.seconds = time.perf_counter() - start

@@ -265,16 +265,22 @@ class PruneTrain:
         tolerance = tolerance_for(self.model)
         bad, err = failing_groups(self.analysis, plan, self._probe_on_device(), tolerance)
         if bad:
-            self.frozen.update(bad)
-            self._index = None
-            self._set_weights(None)
-            self.check_note = (f"self-check: shrinking group(s) {', '.join(f'g{g}' for g in sorted(bad))} would change "
-                               f"the model (relative error {err:.2g} > {tolerance:g}); they stay as they are and are "
-                               f"frozen for the rest of the run")
+            self.freeze_failing(bad, err, tolerance)
             warnings.warn(f"ptgraph: {self.check_note}", stacklevel=3)
             plan = PrunePlan({g: k for g, k in plan.keep.items() if g not in bad})
         self.check_seconds += time.perf_counter() - start
         return plan
+
+    def freeze_failing(self, bad: Iterable[int], err: float, tolerance: float) -> None:
+        """Groups whose shrink failed the self-check: frozen for the rest of the run (no lasso, never planned),
+        named in `check_note`."""
+        bad = set(bad)
+        self.frozen.update(bad)
+        self._index = None
+        self._set_weights(None)
+        self.check_note = (f"self-check: shrinking group(s) {', '.join(f'g{g}' for g in sorted(bad))} would change "
+                           f"the model (relative error {err:.2g} > {tolerance:g}); they stay as they are and are "
+                           f"frozen for the rest of the run")
 
     def _shrink_checked(self, plan: PrunePlan) -> tuple[PrunePlan, ShrinkReport | None]:
         """Shrink by `plan` with the self-check of `_checked`, fused with the shrink itself: the model is masked
