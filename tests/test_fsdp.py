@@ -360,3 +360,87 @@ def test_a_nan_in_one_shard_stops_every_rank_with_one_line(tmp_path):
     ranks = _spawn("diverge", tmp_path / "ranks", args=(tmp_path, store.port))
     assert ranks[0]["error"] == ranks[1]["error"] and "training diverged in epoch 2" in ranks[0]["error"]
     assert "\n" not in ranks[0]["error"] and ckpt.load(tmp_path / "run")["epoch"] == 1
+
+
+def _hf_job(rank: int, world: int, out: Path) -> dict:
+    """A tiny Llama (GQA) pruned under FSDP2 with the config allocation, saved as a Hugging Face checkpoint."""
+    from test_integration_hf import VOCAB, llama
+
+    from ptgraph.integrations.hf import _first, _traceable, example_inputs, save_pruned_sharded
+    from ptgraph.trainers import fsdp
+    from ptgraph.trainers.prunetrain import PruneTrain
+
+    torch.manual_seed(0)
+    model = llama()
+    with _traceable(model):
+        pt = PruneTrain(model, example_inputs(model), None, target_flops=0.5, total_steps=12, prune_until=0.5,
+                        reconfigurations=3, allocation="config")
+    sharded = fsdp.shard(pt)
+    opt = torch.optim.AdamW(sharded.module.parameters(), lr=3e-3)
+    pt.optimizer = opt
+    g = torch.Generator().manual_seed(1)
+    for _ in range(12):
+        tokens = torch.randint(0, VOCAB, (4, 17), generator=g)[rank * 2:rank * 2 + 2]
+        logits = _first(sharded.module(tokens[:, :16]))
+        nn.functional.cross_entropy(logits.reshape(-1, VOCAB), tokens[:, 1:].reshape(-1)).backward()
+        opt.step()
+        opt.zero_grad()
+        pt.after_step()
+        if pt.reconfiguration_due():
+            pt.reconfigure()
+    probe = torch.arange(2, 18).unsqueeze(0)
+    whole = sharded.whole_model()
+    save_pruned_sharded(model, pt, str(out / "hf"))
+    if whole is None:
+        return {}
+    with torch.no_grad():
+        return {"logits": _first(whole.eval()(probe)), "share": pt.flops / pt.dense_flops, "plans": len(pt.plans)}
+
+
+JOBS["hf"] = _hf_job
+
+
+def test_a_hugging_face_model_pruned_under_fsdp_saves_a_checkpoint_from_pretrained_loads(tmp_path):
+    """save_pruned_sharded: every rank gathers, rank 0 writes a standard checkpoint of the pruned config; it reloads
+    without a warning, computes what the gathered graph computes, and has about half the dense FLOPs (by torch)."""
+    pytest.importorskip("transformers")
+    from test_integration_hf import flops, llama, load_quietly
+
+    import transformers as tf
+
+    ranks = _spawn("hf", tmp_path / "ranks", args=(tmp_path,))
+    reloaded = load_quietly(tf.AutoModelForCausalLM, tmp_path / "hf")
+    probe = torch.arange(2, 18).unsqueeze(0)
+    with torch.no_grad():
+        assert (reloaded(probe).logits - ranks[0]["logits"]).abs().max() <= 1e-5
+    assert ranks[0]["plans"] >= 2
+    share = flops(reloaded, probe) / flops(llama().eval(), probe)
+    assert abs(share - 0.5) <= 0.05 and abs(ranks[0]["share"] - share) <= 0.05, share
+
+
+def test_an_in_place_op_on_a_module_output_is_refused_under_fsdp():
+    """FSDP2's backward hook sits on a unit's output; `y += x` on it would drop the hook and the gradients with it."""
+    from ptgraph.trainers.fsdp import _inplace_on_module_output
+    from ptgraph.trainers.prunetrain import PruneTrain
+
+    class InPlace(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            y = self.a(x)
+            y.add_(x)  # fx traces `y += x` as an out-of-place add; a method call stays in place
+            return self.b(y)
+
+    pt = PruneTrain(InPlace(), (torch.randn(2, 4, 8),), None, target_flops=0.5, total_steps=10)
+    assert "writes into the output of a" in _inplace_on_module_output(pt.model)
+
+    class InPlaceRelu(InPlace):
+        def forward(self, x):
+            return self.b(nn.functional.relu(self.a(x), inplace=True))
+
+    pt = PruneTrain(InPlaceRelu(), (torch.randn(2, 4, 8),), None, target_flops=0.5, total_steps=10)
+    assert "writes into the output of a" in _inplace_on_module_output(pt.model)
+    pt = PruneTrain(StageNet(), (torch.randn(2, 3, 8, 8),), None, target_flops=0.5, total_steps=10)
+    assert _inplace_on_module_output(pt.model) is None

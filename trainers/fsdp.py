@@ -22,8 +22,9 @@ the same way onto the new parameters (docs/DESIGN_NOTES.md, "FSDP2").
 from __future__ import annotations
 
 import copy
-import math
+import gc
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,12 +36,11 @@ from torch import nn
 from ptgraph.cost import forward_flops
 from ptgraph.errors import UserError
 from ptgraph.passes import ChannelAnalysis, PrunePlan, ShrinkReport, shrink
-from ptgraph.passes.shrink import _slices, alive_after
-from ptgraph.passes.shrink import _owner, set_alive, set_data
+from ptgraph.passes.shrink import _owner, _slices, alive_after, set_alive, set_data
 from ptgraph.passes.trial import FAILURES, _GraphState, eval_mode, relative_error
 from ptgraph.passes.verify import flat_output, tolerance_for
 from ptgraph.trainers.distributed import Dist, current
-from ptgraph.trainers.lasso import ChannelIndex, square_sums
+from ptgraph.trainers.fsdp_shards import _chunk, _offset, is_sharded
 
 try:  # FSDP2's public API (torch >= 2.6)
     from torch.distributed.device_mesh import init_device_mesh
@@ -55,10 +55,6 @@ Cuts = dict[str, list[tuple[int, np.ndarray]]]
 
 def available() -> bool:
     return fully_shard is not None
-
-
-def is_sharded(t: torch.Tensor) -> bool:
-    return bool(DTensor) and isinstance(t, DTensor)
 
 
 # -- which modules form one FSDP unit ------------------------------------------------------------------
@@ -86,6 +82,22 @@ def _units(gm: nn.Module) -> list[list[nn.Module]]:
     return units
 
 
+def _inplace_on_module_output(gm: nn.Module) -> str | None:
+    """An op of the graph that writes in place into a module's output, described; None if there is none. FSDP2's
+    backward hook sits on each unit's output, and an in-place op on it (a view, as a Linear's 3-d output is)
+    drops the hook silently: the gradients would be wrong."""
+    for n in gm.graph.nodes:
+        name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
+        schema = getattr(n.target, "_schema", None)  # an ATen op (the export path): does it write its first input?
+        inplace = (n.op == "call_method" and name.endswith("_") and not name.endswith("__")) or \
+            n.kwargs.get("inplace") is True or (n.op == "call_function" and schema is not None and schema.arguments
+                                                 and getattr(schema.arguments[0].alias_info, "is_write", False))
+        first = n.args[0] if n.args else None
+        if inplace and getattr(first, "op", None) == "call_module":
+            return f"{n.name} ({name}) writes into the output of {first.target}"
+    return None
+
+
 def to_meta(module: nn.Module) -> None:
     """Every parameter and buffer replaced by a meta tensor of its shape, tied parameters kept tied (`.to("meta")`
     makes a new Parameter per owning module, which would untie an LM head from its embedding)."""
@@ -97,81 +109,6 @@ def to_meta(module: nn.Module) -> None:
             meta = torch.empty_like(t, device="meta")
             metas[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
         (m._parameters if isinstance(t, nn.Parameter) else m._buffers)[attr] = metas[id(t)]
-
-
-def _chunk(full: torch.Tensor, world: int, rank: int) -> torch.Tensor:
-    """This rank's rows of `full` as FSDP2 shards dim 0 (torch.chunk: ceil(n / world) rows each, the last ranks
-    possibly fewer or none)."""
-    chunks = torch.chunk(full, world, dim=0) if full.dim() else (full,)
-    if rank < len(chunks):
-        return chunks[rank]
-    return full.new_empty((0, *full.shape[1:]))
-
-
-def _offset(p: torch.Tensor, world: int, rank: int) -> int:
-    """Index of this rank's first row of the sharded parameter `p`."""
-    n = p.shape[0]
-    return min(rank * math.ceil(n / world), n)
-
-
-# -- norms and the proximal step over shards ---------------------------------------------------------------
-def sharded_sq_norms(index: ChannelIndex, module: nn.Module) -> torch.Tensor:
-    """`lasso.channel_sq_norms` of a sharded module: each rank reduces its own rows (a full-length vector of
-    partial sums along every axis but the sharded one, its slice of rows along it), one all_reduce adds them.
-    No parameter is gathered; the traffic is one float per channel position."""
-    world, rank = dist.get_world_size(), dist.get_rank()
-    params = dict(module.named_parameters())
-    pieces = []
-    for name, axes in zip(index.params, index.axes):
-        p = params[name]
-        local = p.to_local() if is_sharded(p) else p.detach()
-        for axis in axes:
-            n = p.shape[axis]
-            if not is_sharded(p):  # replicated: every rank holds all of it, count it once
-                piece = square_sums(local.detach(), axis) * (1.0 if rank == 0 else 0.0)
-            elif local.shape[0] == 0:
-                piece = torch.zeros(n, device=local.device)
-            elif axis == 0:
-                piece = torch.zeros(n, device=local.device)
-                off = _offset(p, world, rank)
-                piece[off:off + local.shape[0]] = square_sums(local.detach(), 0)
-            else:
-                piece = square_sums(local.detach(), axis)
-            pieces.append(piece.float())
-    if not pieces:
-        return torch.zeros(0)
-    flat = torch.cat(pieces)
-    dist.all_reduce(flat)
-    sums = torch.zeros(index.n_slots + 1, device=flat.device, dtype=flat.dtype).index_add(0, index.slots.to(flat.device), flat)
-    return sums[:index.n_slots]
-
-
-@torch.no_grad()
-def sharded_proximal_step(index: ChannelIndex, module: nn.Module, strength: float,
-                          weights: torch.Tensor | None = None) -> None:
-    """`lasso.proximal_step` on the local shards: the same factors on every rank (from the all-reduced norms),
-    each rank scaling its own rows."""
-    world, rank = dist.get_world_size(), dist.get_rank()
-    norms = sharded_sq_norms(index, module).sqrt()
-    shrink_by = strength if weights is None else strength * weights.to(norms.device)
-    scale = torch.cat([(1 - shrink_by / norms.clamp_min(1e-30)).clamp_min(0), norms.new_ones(1)])
-    factors = iter(scale[index.slots.to(norms.device)].split(index.lengths))
-    params = dict(module.named_parameters())
-    for name, axes in zip(index.params, index.axes):
-        p = params[name]
-        local = p.to_local() if is_sharded(p) else p
-        total = None
-        for axis in axes:
-            f = next(factors)
-            if axis == 0 and is_sharded(p):
-                off = _offset(p, world, rank)
-                f = f[off:off + local.shape[0]]
-            shape = [1] * local.dim()
-            shape[axis] = -1
-            f = f.view(shape)
-            total = f if total is None else total * f
-        if local.numel():
-            local.mul_(total.to(local.dtype))
 
 
 # -- building and filling a sharded copy --------------------------------------------------------------------
@@ -237,6 +174,13 @@ class Sharded:
         if pt.allocation == "sensitivity":
             raise UserError("the sensitivity allocation measures on copies of the whole model, which FSDP2 does not "
                             "keep; choose uniform, global or config")
+        inplace = _inplace_on_module_output(pt.model)
+        if inplace:
+            raise UserError(f"under FSDP2 an op may not write in place into a module's output: {inplace}, which "
+                            f"FSDP2's backward hook would miss (wrong gradients); write it out of place "
+                            f"(`x = x + y`, `inplace=False`)")
+        # FSDP2 warns of every unit whose output is a view in case an in-place op follows; none does (checked above)
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
         self.pt = pt
         self.world: Dist = current(device)
         self.device = device or next(pt.model.parameters()).device
@@ -269,6 +213,18 @@ class Sharded:
         fully_shard(fm, **kw)
         fm.to_empty(device=self.device)
         return fm
+
+    def whole_model(self) -> nn.Module | None:
+        """The model as one ordinary module on the CPU, on rank 0 (None on the others): a copy of the skeleton
+        filled with the gathered tensors (one all-gather per tensor; every rank must call it)."""
+        state = full_state_dict(self.module)
+        if dist.get_rank() != 0:
+            return None
+        gm = copy.deepcopy(self.pt.model).to_empty(device="cpu")  # in place per Parameter: ties stay tied
+        with torch.no_grad():  # non-persistent buffers too (a rotary table), which load_state_dict would refuse
+            for name, t in [*gm.named_parameters(), *gm.named_buffers()]:
+                t.copy_(state[name])
+        return gm.train(self.module.training)
 
     # -- a reconfiguration ---------------------------------------------------------------------------------
     def _candidate(self, plan: PrunePlan) -> _Candidate:
@@ -355,6 +311,8 @@ class Sharded:
                 if err > tolerance_for(self.module):
                     return None, err
             if len(stage.keep) < len(plan.keep):
+                cand = None  # released before the whole plan's copy is built: one new copy at a time
+                gc.collect()  # FSDP's hooks make each sharded module a reference cycle
                 cand = self._candidate(plan)
                 if not self.world.broadcast_object(self._run(cand.module) is not None):
                     return None, float("inf")
@@ -404,6 +362,8 @@ class Sharded:
         if not plan.keep:
             return None
         start = time.perf_counter()
+        for p in self.module.parameters():  # between steps the gradients are spent; their room holds the new shards
+            p.grad = None
         if not pt.self_check:
             cand: _Candidate | None = self._candidate(plan)
         else:
@@ -418,6 +378,8 @@ class Sharded:
                     self.pt.freeze_failing(plan.keep, err, tolerance_for(self.module))
             pt.check_seconds += time.perf_counter() - start
         report = self._adopt(plan, cand) if cand is not None else None
+        cand = None
+        gc.collect()  # the replaced (or rejected) sharded copy is a reference cycle: free it now, not at some later step
         self.seconds = time.perf_counter() - start
         return report
 

@@ -71,7 +71,7 @@ def channel_sq_norms(index: ChannelIndex, module: nn.Module) -> torch.Tensor:
     """Squared L2 norm of every prunable channel over all its member slices (differentiable)."""
     params = dict(module.named_parameters())
     if any(hasattr(p, "device_mesh") for p in params.values()):  # FSDP2's DTensors: reduced over the shards
-        from ptgraph.trainers.fsdp import sharded_sq_norms
+        from ptgraph.trainers.fsdp_shards import sharded_sq_norms
 
         return sharded_sq_norms(index, module)
     pieces = []
@@ -99,7 +99,7 @@ def proximal_step(index: ChannelIndex, module: nn.Module, strength: float, weigh
     factor; each parameter then takes one multiply (a few kernels per layer: this runs every step).
     """
     if any(hasattr(p, "device_mesh") for p in module.parameters()):  # FSDP2: each rank scales its own rows
-        from ptgraph.trainers.fsdp import sharded_proximal_step
+        from ptgraph.trainers.fsdp_shards import sharded_proximal_step
 
         return sharded_proximal_step(index, module, strength, weights)
     norms = channel_sq_norms(index, module).sqrt()

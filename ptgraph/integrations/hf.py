@@ -37,7 +37,8 @@ except ImportError as e:  # pragma: no cover - the extra is missing
 
 STATE_FILE = "ptgraph_prunetrain.pt"  # beside the Trainer's own files in every checkpoint-N folder
 
-__all__ = ["PruneTrainCallback", "PruneTrainer", "adopt_pruned", "example_inputs", "save_pruned"]
+__all__ = ["PruneTrainCallback", "PruneTrainer", "adopt_pruned", "example_inputs", "save_pruned",
+           "save_pruned_sharded"]
 
 
 def example_inputs(model: nn.Module, batch: int = 2, length: int = 16) -> tuple[torch.Tensor]:
@@ -109,6 +110,37 @@ def save_pruned(model: nn.Module, directory: str, **kwargs: Any) -> None:
         raise UserError(f"{type(model).__name__}'s config does not describe its pruned weights: {problem}; prune "
                         f"it with allocation='config' and call adopt_pruned(model, pt) after each reconfigure()")
     model.save_pretrained(directory, **kwargs)
+
+
+def save_pruned_sharded(model: nn.Module, pt: PruneTrain, directory: str, **kwargs: Any) -> None:
+    """Under FSDP2 (`ptgraph.trainers.fsdp.shard(pt)`, allocation='config'): the pruned model as a Hugging Face
+    checkpoint. Every rank calls it (one all-gather per tensor); rank 0 builds `type(model)` from the rewritten
+    config on the CPU, loads the gathered weights, checks its forward against the pruned graph and writes it."""
+    if getattr(pt, "sharded", None) is None or pt.blocks is None:
+        raise UserError("save_pruned_sharded saves a PruneTrain run sharded with ptgraph.trainers.fsdp.shard and "
+                        "pruned with allocation='config'; without FSDP2 use adopt_pruned and save_pruned")
+    graph = pt.sharded.whole_model()
+    if graph is None:
+        return
+    config = pruned_config(model, pt.blocks, pt.analysis)
+    pruned = type(model)(config).to(next(graph.parameters()).dtype)
+    weights = graph.state_dict()
+    problem = set(weights) - set(pruned.state_dict())
+    assert not problem, f"graph tensors without a place in {type(model).__name__}: {sorted(problem)[:3]}"
+    missing = pruned.load_state_dict(weights, strict=False).missing_keys
+    pruned.tie_weights()
+    assert not missing or getattr(config, "tie_word_embeddings", False), f"not loaded: {missing[:3]}"
+    probe = tuple(x.cpu() for x in pt.probe)
+    pruned.eval()
+    graph.eval()
+    with torch.no_grad():
+        ours, want = _first(pruned(*probe)), _first(graph(*probe))
+    err = float((ours.float() - want.float()).abs().max() / want.float().abs().max().clamp_min(1e-12))
+    if err > 1e-4:
+        raise UserError(f"the rebuilt {type(model).__name__} computes other outputs than the pruned graph (relative "
+                        f"error {err:.2g}); its modules keep a size their config does not set. Save the graph "
+                        f"module instead (ptgraph.trainers.fsdp.full_state_dict) and export it with ptgraph export")
+    save_pruned(pruned, directory, **kwargs)
 
 
 class PruneTrainCallback(TrainerCallback):
