@@ -50,7 +50,7 @@ def _gpt():
 
 def _batches(kind: str, steps: int, batch: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(1)
-    if kind == "gpt":
+    if kind.startswith("gpt"):
         blocks = [torch.randint(0, 64, (batch, 17), generator=g) for _ in range(steps)]
         return [(b[:, :16], b[:, 1:]) for b in blocks]
     return [(torch.randn(batch, 3, 8, 8, generator=g), torch.randint(0, 10, (batch,), generator=g)) for _ in range(steps)]
@@ -69,17 +69,19 @@ def _train(kind: str, rank: int, world: int, steps: int = 16) -> dict:
     """The same run in one process (world 1) or sharded over `world` ranks, each on its share of the global batch."""
     import torch.distributed as dist
 
+    from ptgraph.graph import trace
     from ptgraph.trainers import fsdp
     from ptgraph.trainers.prunetrain import PruneTrain
 
     torch.manual_seed(0)
-    model = _gpt() if kind == "gpt" else StageNet()
+    model = _gpt() if kind.startswith("gpt") else StageNet()
     data = _batches(kind, steps)
-    pt = PruneTrain(model, (data[0][0][:2],), None, target_flops=0.5, total_steps=steps, prune_until=0.5,
+    source = trace(model, (data[0][0][:2],), capture="export") if kind == "gpt-export" else model
+    pt = PruneTrain(source, (data[0][0][:2],), None, target_flops=0.5, total_steps=steps, prune_until=0.5,
                     reconfigurations=3)
     sharded = fsdp.shard(pt) if world > 1 else None
     module = sharded.module if sharded else pt.model
-    opt = (torch.optim.AdamW(module.parameters(), lr=3e-3) if kind == "gpt"
+    opt = (torch.optim.AdamW(module.parameters(), lr=3e-3) if kind.startswith("gpt")
            else torch.optim.SGD(module.parameters(), lr=0.05, momentum=0.9))
     pt.optimizer = opt
     losses, plans, first_state = [], [], None
@@ -166,7 +168,8 @@ def _self_check(rank: int, world: int) -> dict:
     return results
 
 
-JOBS = {"gpt": lambda r, w: _train("gpt", r, w), "cnn": lambda r, w: _train("cnn", r, w), "self_check": _self_check}
+JOBS = {kind: (lambda r, w, kind=kind: _train(kind, r, w)) for kind in ("gpt", "cnn", "gpt-export")}
+JOBS["self_check"] = _self_check
 
 
 def _worker(rank: int, world: int, port: int, job: str, out: Path, args: tuple = ()) -> None:
@@ -204,8 +207,10 @@ def _spawn(job: str, out: Path, world: int = 2, args: tuple = ()) -> list[dict]:
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
-@pytest.mark.parametrize("kind", ["gpt", "cnn"])
+@pytest.mark.parametrize("kind", ["gpt", "cnn", "gpt-export"])
 def test_two_sharded_ranks_match_one_process_plans_losses_and_optimizer_state(kind, tmp_path):
+    """gpt-export: captured by torch.export, whose graph calls no module: each block becomes a called graph module
+    (trainers/fsdp_units.py) and its own FSDP unit."""
     one = _train(kind, 0, 1)
     two = _spawn(kind, tmp_path)
     assert len(one["plans"]) >= 2 and one["note"] is None
@@ -213,7 +218,8 @@ def test_two_sharded_ranks_match_one_process_plans_losses_and_optimizer_state(ki
     assert two[0]["share"] == pytest.approx(one["share"]) and one["share"] == pytest.approx(0.5, abs=0.05)
     np.testing.assert_allclose(two[0]["losses"], one["losses"], rtol=1e-4)
     assert two[0]["losses"] == two[1]["losses"]
-    assert two[0]["units"] > 4  # each repeated block sharded on its own, the root too, after the shrinks as before
+    # each repeated block sharded on its own (its called modules, or the block itself), the root too, after the shrinks
+    assert two[0]["units"] == 3 if kind == "gpt-export" else two[0]["units"] > 4
     state = two[0]["state"]  # Adam's moments or SGD's momentum right after the first shrink, gathered
     assert set(state) == set(one["state"]) and all(state.values())
     for name, tensors in one["state"].items():
@@ -394,7 +400,8 @@ def _hf_job(rank: int, world: int, out: Path) -> dict:
     if whole is None:
         return {}
     with torch.no_grad():
-        return {"logits": _first(whole.eval()(probe)), "share": pt.flops / pt.dense_flops, "plans": len(pt.plans)}
+        return {"logits": _first(whole.eval()(probe)), "share": pt.flops / pt.dense_flops, "plans": len(pt.plans),
+                "units": sum(type(m).__name__.startswith("FSDP") for m in sharded.module.modules())}
 
 
 JOBS["hf"] = _hf_job
@@ -413,7 +420,7 @@ def test_a_hugging_face_model_pruned_under_fsdp_saves_a_checkpoint_from_pretrain
     probe = torch.arange(2, 18).unsqueeze(0)
     with torch.no_grad():
         assert (reloaded(probe).logits - ranks[0]["logits"]).abs().max() <= 1e-5
-    assert ranks[0]["plans"] >= 2
+    assert ranks[0]["plans"] >= 2 and ranks[0]["units"] == 3  # each decoder layer its own unit, and the root
     share = flops(reloaded, probe) / flops(llama().eval(), probe)
     assert abs(share - 0.5) <= 0.05 and abs(ranks[0]["share"] - share) <= 0.05, share
 

@@ -41,6 +41,7 @@ from ptgraph.passes.trial import FAILURES, _GraphState, eval_mode, relative_erro
 from ptgraph.passes.verify import flat_output, tolerance_for
 from ptgraph.trainers.distributed import Dist, current
 from ptgraph.trainers.fsdp_shards import _chunk, _offset, is_sharded
+from ptgraph.trainers.fsdp_units import with_called_blocks
 
 try:  # FSDP2's public API (torch >= 2.6)
     from torch.distributed.device_mesh import init_device_mesh
@@ -205,7 +206,8 @@ class Sharded:
     def _build(self, fm: nn.Module) -> nn.Module:
         """`fm`, a deep copy of the meta skeleton, fully_shard'ed (one unit per repeated block, one at the root) and
         materialised: only the local shards are allocated."""
-        kw: dict[str, Any] = dict(mesh=self.mesh, reshard_after_forward=self.reshard_after_forward)
+        fm = with_called_blocks(fm, repeated_blocks(fm))  # an export-captured graph calls no module of its own
+        kw: dict[str, Any] = {"mesh": self.mesh, "reshard_after_forward": self.reshard_after_forward}
         if self.mp_policy is not None:
             kw["mp_policy"] = self.mp_policy
         for unit in _units(fm):
@@ -347,7 +349,8 @@ class Sharded:
                             del full
                     opt.state[p] = state
         report = shrink(pt.analysis, plan)  # the skeleton (meta: shapes only), its graph and groups
-        assert all(p.shape == q.shape for p, q in zip(pt.model.parameters(), cand.module.parameters()))
+        shapes = {n: p.shape for n, p in cand.module.named_parameters()}
+        assert all(shapes[n] == p.shape for n, p in pt.model.named_parameters()), "the skeleton and the copy differ"
         pt._index = None
         pt._flops = forward_flops(pt.model)
         pt.plans.append(plan)
