@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 pytest.importorskip("torch.distributed.fsdp")
@@ -451,3 +453,42 @@ def test_an_in_place_op_on_a_module_output_is_refused_under_fsdp():
     assert "writes into the output of a" in _inplace_on_module_output(pt.model)
     pt = PruneTrain(StageNet(), (torch.randn(2, 3, 8, 8),), None, target_flops=0.5, total_steps=10)
     assert _inplace_on_module_output(pt.model) is None
+
+
+@settings(max_examples=8, deadline=None)
+@given(n_layer=st.integers(2, 4), n_embd=st.sampled_from([16, 32]), n_head=st.sampled_from([2, 4]),
+       width=st.integers(4, 12), cnn=st.booleans())
+def test_called_blocks_compute_what_the_export_graph_computes(n_layer, n_embd, n_head, width, cnn):
+    """trainers/fsdp_units.py on random GPTs and stage CNNs captured by torch.export: one called module per block,
+    every parameter name kept, the same outputs in train and eval mode and the same gradients."""
+    from ptgraph.graph import trace
+    from ptgraph.lm_models import gpt
+    from ptgraph.trainers.fsdp import _units, repeated_blocks
+    from ptgraph.trainers.fsdp_units import with_called_blocks
+
+    torch.manual_seed(0)
+    if cnn:
+        model, x = StageNet(width), torch.randn(2, 3, 8, 8)
+    else:
+        model, x = gpt(vocab_size=32, block_size=8, n_layer=n_layer, n_head=n_head, n_embd=n_embd), torch.randint(0, 32, (2, 8))
+    gm = trace(model, (x,), capture="export").module
+    blocks = repeated_blocks(gm)
+    out = with_called_blocks(gm, blocks)
+    assert out is not gm and len(_units(out)) == len(blocks) and not _units(gm)
+    params = dict(gm.named_parameters())  # `out` is a copy: the same names and values
+    assert dict(out.named_parameters()).keys() == params.keys()
+    assert all(torch.equal(p, params[k]) for k, p in out.named_parameters())
+    for mode in (True, False):
+        gm.train(mode)
+        out.train(mode)
+        want, got = gm(x), out(x)
+        want, got = (w[0] if isinstance(w, tuple) else w for w in (want, got))
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    grads = {}
+    for module in (gm, out):
+        module.zero_grad()
+        y = module(x)
+        (y[0] if isinstance(y, tuple) else y).square().mean().backward()
+        grads[module is out] = {k: p.grad.clone() for k, p in module.named_parameters()}
+    for k in grads[False]:
+        torch.testing.assert_close(grads[True][k], grads[False][k], rtol=0, atol=0, msg=k)
