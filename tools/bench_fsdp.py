@@ -1,9 +1,10 @@
-"""FSDP2 against DDP on the CPU: each rank's training state (parameters + gradients + optimizer state, counted
-tensor by tensor) and one reconfiguration's time and extra peak memory (torch's MemTracker: every tensor
-allocated while it runs, beside the state it already held).
+"""FSDP2 against DDP: each rank's training state (parameters + gradients + optimizer state, counted tensor by
+tensor), a training step's peak memory, and one reconfiguration's time and peak (on the CPU from the
+allocator's events through the profiler, on CUDA from the CUDA allocator's statistics).
 
-    python tools/bench_fsdp.py                      # a GPT of 13.8M parameters, 2 gloo ranks
+    python tools/bench_fsdp.py                      # a GPT of 12.2M parameters, 2 gloo ranks
     python tools/bench_fsdp.py --model 'ptgraph:gpt?n_layer=8&n_embd=512' --ranks 2
+    python tools/bench_fsdp.py --device cuda --ranks 1     # one GPU: FSDP2 against DDP (tools/gpu_check.py)
 
 The reconfiguration removes a quarter of every prunable group (the same plan in both modes), self-checked.
 """
@@ -79,21 +80,28 @@ def _run(rank: int, world: int, port: int, args: argparse.Namespace, out: Path) 
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True) if args.measure == "memory" else None
+    cuda = args.device == "cuda"
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
+    profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True) \
+        if args.measure == "memory" and not cuda else None
     if profiler:  # from the start, so that every tensor's free is seen
         profiler.__enter__()
     torch.manual_seed(0)
-    model = build_model(args.model)
+    model = build_model(args.model).to(device)
     vocab, length = model.wte.num_embeddings, args.length
-    tokens = torch.randint(0, vocab, (args.batch, length + 1), generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(0, vocab, (args.batch, length + 1), generator=torch.Generator().manual_seed(1)).to(device)
     pt = PruneTrain(model, (tokens[:2, :length],), None, target_flops=0.5, total_steps=100)
-    sharded = fsdp.shard(pt) if args.mode == "fsdp" else None
+    sharded = fsdp.shard(pt, device) if args.mode == "fsdp" else None
     module = sharded.module if sharded else DDP(pt.model)
     opt = torch.optim.AdamW(module.parameters(), lr=1e-3)
     pt.optimizer = opt
     share = tokens[rank * args.batch // world:(rank + 1) * args.batch // world]
     for _ in range(2):
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         with torch.profiler.record_function("step"):
             logits = module(share[:, :length])
             torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), share[:, 1:].reshape(-1)).backward()
@@ -101,13 +109,26 @@ def _run(rank: int, world: int, port: int, args: argparse.Namespace, out: Path) 
             opt.step()
             opt.zero_grad(set_to_none=True)
     result = {"mode": args.mode, "state": state, "params": sum(p.numel() for p in pt.model.parameters())}
+    if cuda:
+        torch.cuda.synchronize()
+        result["step_peak"] = torch.cuda.max_memory_allocated()
     largest = max(p.numel() * 4 for p in pt.model.parameters())
     plan = _quarter_plan(pt)
     reconfigure = (lambda: sharded.apply(plan)) if sharded else (lambda: pt.reconfigure(plan))
     if args.measure == "time":
         start = time.perf_counter()
         reconfigure()
+        if cuda:
+            torch.cuda.synchronize()
         result["seconds"] = time.perf_counter() - start
+    elif cuda:  # the CUDA allocator keeps its own statistics
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        reconfigure()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        result.update(extra_peak=peak - before, allocated_before=before, reconfiguration_peak=peak)
     else:
         with torch.profiler.record_function("reconfiguration"):
             reconfigure()
@@ -130,11 +151,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--batch", type=int, default=8, help="global batch")
     p.add_argument("--length", type=int, default=64)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: NCCL, one GPU per rank")
     p.add_argument("--out", default="runs/bench_fsdp")
+    p.add_argument("--json", default=None, help="also write the rows here")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"{args.model}, {args.ranks} gloo ranks, one thread each, load {os.getloadavg()[0]:.2f}")
+    if args.device == "cuda" and torch.cuda.device_count() < args.ranks:
+        print(f"error: {args.ranks} ranks need {args.ranks} GPUs, this machine has {torch.cuda.device_count()}")
+        return 2
+    kind = torch.cuda.get_device_name() if args.device == "cuda" else "gloo, one thread each"
+    print(f"{args.model}, {args.ranks} ranks ({kind}), load {os.getloadavg()[0]:.2f}")
     rows = {}
     for mode in ("ddp", "fsdp"):
         rows[mode] = {}
@@ -155,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
               f"| {s['optimizer'] / MB:.1f} MB | {sum(s.values()) / MB:.1f} MB | {r['step_peak'] / MB:.1f} MB "
               f"| {r['seconds']:.2f} s | {r['reconfiguration_peak'] / MB:.1f} MB | {r['extra_peak'] / MB:.1f} MB |")
     print(f"load {os.getloadavg()[0]:.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": kind, "model": args.model, "ranks": args.ranks, "rows": rows}))
     return 0
 
 

@@ -5,6 +5,8 @@ Sections, in order (each one's failure is recorded and the next one runs):
              PruneTrain shrinking mid-training in bf16 + channels_last with SGD and Adam state
   step       tools/bench_step.py on CUDA: dense vs shrunk step time, bf16 + channels_last
   ddp        the same short prune-train run plainly and under `torchrun --nproc-per-node 1`
+  fsdp       tools/bench_fsdp.py on one card: FSDP2 against DDP (state, a step's peak, a reconfiguration's
+             time and peak memory)
   cifar      CIFAR-10 dense vs PruneTrain runs (tools/cifar_table.py), run side by side on the
              one GPU (each is launch-bound), stopped at the deadline; partial runs are reported
 
@@ -116,6 +118,14 @@ def bench_steps(out: Path, device: str, timeout: float, models: str) -> dict:
     return json.loads((out / "bench_step.json").read_text()) if code == 0 else {"error": f"exit {code}"}
 
 
+def bench_fsdp(out: Path, device: str, timeout: float) -> dict:
+    size = ["--model", "ptgraph:gpt?vocab_size=32000&block_size=256&n_layer=8&n_embd=1024&n_head=16", "--batch", "16",
+            "--length", "256"] if device == "cuda" else []  # 168M parameters on a card; the CPU try-out: the default
+    code = run([sys.executable, "tools/bench_fsdp.py", "--device", device, "--ranks", "1", "--out", str(out / "fsdp"),
+                *size, "--json", str(out / "bench_fsdp.json")], out / "gpu_check.log", timeout)
+    return json.loads((out / "bench_fsdp.json").read_text()) if code == 0 else {"error": f"exit {code}"}
+
+
 def _epochs(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.exists():
@@ -223,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=os.environ.get("OUT", "runs/gpu"))
     p.add_argument("--data", default="../shared/data/cifar10-jpeg.npz")
     p.add_argument("--budget", type=float, default=420, help="seconds for the whole script")
-    p.add_argument("--only", default="shrink,step,ddp,cifar")
+    p.add_argument("--only", default="shrink,step,ddp,fsdp,cifar")
     p.add_argument("--device", default="cuda", help="cpu only to try the script out on a machine without a GPU")
     p.add_argument("--epoch-scale", type=float, default=1.0, help="scale the CIFAR runs' epochs (smoke tests)")
     p.add_argument("--cifar-steps", type=int, default=None, help="cap on steps per CIFAR epoch (smoke tests)")
@@ -257,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     section("shrink", check_shrink, args.device)
     section("step", bench_steps, out, args.device, 120, args.step_models)
     section("ddp", ddp_overhead, out, args.data, work, args.device, 90)
+    section("fsdp", bench_fsdp, out, args.device, 90)
     section("cifar", cifar, out, args.data, work, args.device, start + args.budget - 15, args.epoch_scale,
             args.cifar_steps, args.cifar_models)
     lines = [f"# GPU check: {results['device']}, torch {results['torch']}, {results['date']}", ""]
@@ -270,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
                            results["device"]), ""]
     (out / "gpu_check.md").write_text("\n".join(lines))
     print("\n".join(lines))
-    print(json.dumps({k: v for k, v in results.items() if k in ("shrink", "ddp", "seconds")}, indent=1, default=str))
+    print(json.dumps({k: v for k, v in results.items() if k in ("shrink", "ddp", "fsdp", "seconds")}, indent=1,
+                     default=str))
     return 0
 
 
