@@ -11,6 +11,7 @@ Every parameter and buffer keeps its name and object, so the sharded copy's name
 from __future__ import annotations
 
 import copy
+import itertools
 import operator
 
 from torch import fx, nn
@@ -35,7 +36,7 @@ def _spans(graph: fx.Graph, blocks: list[str]) -> list[tuple[int, int, str]] | N
     if set(uses) != set(blocks):
         return None
     spans = sorted((min(v), max(v), b) for b, v in uses.items())
-    if any(s <= prev_end for (_, prev_end, _), (s, _, _) in zip(spans, spans[1:])):
+    if any(s <= prev_end for (_, prev_end, _), (s, _, _) in itertools.pairwise(spans)):
         return None
     return spans
 
