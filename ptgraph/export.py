@@ -19,11 +19,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import fx, nn
 
 from ptgraph.aux_outputs import without_aux_heads
 from ptgraph.errors import UserError
 from ptgraph.inputs import like
+from ptgraph.onnx_functional import functional_slice_writes
 
 TOLERANCE = 1e-4  # relative, float32
 DEFAULT_OPSET = 17
@@ -140,8 +141,9 @@ def export(model: nn.Module, example_inputs: Any, path: str | os.PathLike, opset
     model.eval()
     try:
         try:
+            written = functional_slice_writes(model) if isinstance(model, fx.GraphModule) else model
             with _quiet_stdout():  # the exporter prints its IR to the C-level stdout on failure
-                exporter = _export(model, inputs, path, opset, dynamic_batch)
+                exporter = _export(written, inputs, path, opset, dynamic_batch)
         except Exception as e:  # noqa: BLE001 - name the failing op and the opset
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"the ONNX exporter failed at opset {opset} ({first}); try another --opset, or --ignore "

@@ -174,3 +174,38 @@ def test_random_architectures_export_after_shrink(tmp_path, arch):
     shrink(analysis, keep_every_tensor(analysis, random_plan(analysis.groups, 0.3, 0)))
     result = export(graph.module.eval(), (x,), tmp_path / "arch.onnx")
     assert result.ok, (arch, result)
+
+
+class SliceWrites(torch.nn.Module):
+    """A mask built by writing into slices of an intermediate tensor, as torchvision's Swin builds its
+    shifted-window mask: torch.export keeps the in-place writes, which the TorchScript exporter drops."""
+
+    def __init__(self, step: int = 3) -> None:
+        super().__init__()
+        self.conv, self.step = torch.nn.Conv2d(3, 4, 1), step
+
+    def forward(self, x):
+        y = self.conv(x)
+        mask = y.new_zeros(y.shape[-2:])
+        count = 0
+        for h in (slice(0, -self.step), slice(-self.step, None)):
+            for w in (slice(0, 2), slice(2, -1), slice(-1, None)):
+                mask[h, w] = count
+                count += 1
+        mask[1:3, 1:3] += 0.5
+        mask[:, 0:1].copy_(y[0, 0, :, 0:1])
+        return y * mask
+
+
+@pytest.mark.parametrize("step", [1, 3])
+def test_writes_into_slices_of_an_intermediate_export_to_onnx(tmp_path, step):
+    from ptgraph.onnx_functional import functional_slice_writes
+
+    x = torch.randn(2, 3, 6, 7)
+    graph = ptgraph.trace(SliceWrites(step), (x,), capture="export")
+    written = functional_slice_writes(graph.module)
+    assert written is not graph.module  # there were writes to rewrite
+    with torch.no_grad():
+        torch.testing.assert_close(written(x), graph.module(x), rtol=0, atol=0)
+    result = export(graph.module, (x,), tmp_path / "m.onnx")
+    assert result.ok, result
