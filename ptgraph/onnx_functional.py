@@ -39,11 +39,14 @@ def _slice_chain(view: fx.Node) -> list[fx.Node] | None:
 def _out_of_place(n: fx.Node, view: fx.Node, g: fx.Graph) -> fx.Node | None:
     """The value the in-place op `n` writes into `view`, computed without writing."""
     name = n.target._schema.name.split("::")[1]
-    if name == "fill_":
-        return g.call_function(aten.full_like.default, (view, n.args[1])) if not isinstance(n.args[1], fx.Node) \
-            else g.call_function(aten.expand_as.default, (g.call_function(aten.to.other, (n.args[1], view)), view))
-    if name == "copy_":
-        return g.call_function(aten.expand_as.default, (g.call_function(aten.to.other, (n.args[1], view)), view))
+    if name in ("fill_", "copy_", "zero_"):
+        value = 0.0 if name == "zero_" else n.args[1]  # aten.zero, the functional zero_, trips that exporter
+        if not isinstance(value, fx.Node):  # a Python number: a constant tensor (full_like trips that exporter)
+            gm = g.owning_module
+            const = f"_onnx_fill_{len([k for k in gm._buffers if k.startswith('_onnx_fill_')])}"
+            gm.register_buffer(const, torch.tensor(value), persistent=False)
+            value = g.get_attr(const)
+        return g.call_function(aten.expand_as.default, (g.call_function(aten.to.other, (value, view)), view))
     plain = getattr(aten, name[:-1], None)
     overload = getattr(plain, n.target._overloadname, None) if plain is not None else None
     return g.call_function(overload, (view, *n.args[1:]), dict(n.kwargs)) if overload is not None else None

@@ -193,6 +193,8 @@ class SliceWrites(torch.nn.Module):
                 mask[h, w] = count
                 count += 1
         mask[1:3, 1:3] += 0.5
+        mask[0:1, 0:1].fill_(-1.0)  # fill_ with a Python number
+        mask[-1:, 1:2].zero_()
         mask[:, 0:1].copy_(y[0, 0, :, 0:1])
         return y * mask
 
