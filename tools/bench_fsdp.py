@@ -73,6 +73,7 @@ def _run(rank: int, world: int, port: int, args: argparse.Namespace, out: Path) 
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    from ptgraph.graph import trace
     from ptgraph.specs import build_model
     from ptgraph.trainers import fsdp
     from ptgraph.trainers.prunetrain import PruneTrain
@@ -92,7 +93,10 @@ def _run(rank: int, world: int, port: int, args: argparse.Namespace, out: Path) 
     model = build_model(args.model).to(device)
     vocab, length = model.wte.num_embeddings, args.length
     tokens = torch.randint(0, vocab, (args.batch, length + 1), generator=torch.Generator().manual_seed(1)).to(device)
-    pt = PruneTrain(model, (tokens[:2, :length],), None, target_flops=0.5, total_steps=100)
+    source = trace(model, (tokens[:2, :length],), capture=args.capture)
+    if args.root_only:  # for the comparison: the export graph sharded at the root alone, as before fsdp_units
+        fsdp.with_called_blocks = lambda gm, blocks: gm
+    pt = PruneTrain(source, (tokens[:2, :length],), None, target_flops=0.5, total_steps=100)
     sharded = fsdp.shard(pt, device) if args.mode == "fsdp" else None
     module = sharded.module if sharded else DDP(pt.model)
     opt = torch.optim.AdamW(module.parameters(), lr=1e-3)
@@ -153,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: NCCL, one GPU per rank")
     p.add_argument("--out", default="runs/bench_fsdp")
     p.add_argument("--json", default=None, help="also write the rows here")
+    p.add_argument("--capture", choices=("fx", "export"), default="fx", help="how the model is captured")
+    p.add_argument("--root-only", action="store_true",
+                   help="shard an export-captured graph at the root alone (each block its own unit otherwise)")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -160,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.ranks} ranks need {args.ranks} GPUs, this machine has {torch.cuda.device_count()}")
         return 2
     kind = torch.cuda.get_device_name() if args.device == "cuda" else "gloo, one thread each"
-    print(f"{args.model}, {args.ranks} ranks ({kind}), load {os.getloadavg()[0]:.2f}")
+    print(f"{args.model}, captured by {args.capture}{', FSDP2 at the root only' if args.root_only else ''}, "
+          f"{args.ranks} ranks ({kind}), load {os.getloadavg()[0]:.2f}")
     rows = {}
     for mode in ("ddp", "fsdp"):
         rows[mode] = {}
