@@ -40,7 +40,7 @@ from ptgraph.passes.shrink import _owner, _slices, alive_after, set_alive, set_d
 from ptgraph.passes.trial import FAILURES, _GraphState, eval_mode, relative_error
 from ptgraph.passes.verify import flat_output, tolerance_for
 from ptgraph.trainers.distributed import Dist, current
-from ptgraph.trainers.fsdp_shards import _chunk, _offset, is_sharded
+from ptgraph.trainers.fsdp_shards import first_row, is_sharded, local_rows
 from ptgraph.trainers.fsdp_units import with_called_blocks
 
 try:  # FSDP2's public API (torch >= 2.6)
@@ -196,7 +196,7 @@ class Sharded:
         rank, world = dist.get_rank(), dist.get_world_size()
         with torch.no_grad():
             for name, p in self.module.named_parameters():
-                p.to_local().copy_(_chunk(values[name], world, rank))
+                p.to_local().copy_(local_rows(values[name], world, rank))
             for name, b in self.module.named_buffers():
                 b.copy_(values[name])
         del values
@@ -245,7 +245,7 @@ class Sharded:
                 full = old[name].full_tensor() if is_sharded(old[name]) else old[name]
                 full = _sliced(full, cuts.get(canonical.get(name, name), cuts.get(name, [])))
                 local = p.to_local()
-                new = _chunk(full, world, rank)
+                new = local_rows(full, world, rank)
                 assert new.shape == local.shape, f"{name}: {tuple(new.shape)} != {tuple(local.shape)}"
                 local.copy_(new)
                 del full, new
@@ -278,7 +278,7 @@ class Sharded:
                 for axis, keep in axis_cuts:
                     dropped = np.setdiff1d(np.arange(t.shape[axis]), keep)
                     if is_sharded(t) and axis == 0:
-                        off = _offset(t, world, rank)
+                        off = first_row(t, world, rank)
                         dropped = dropped[(dropped >= off) & (dropped < off + local.shape[0])] - off
                     idx = torch.as_tensor(dropped, dtype=torch.long, device=local.device)
                     if len(idx) and local.numel():
@@ -343,7 +343,7 @@ class Sharded:
                     for key, value in state.items():
                         if is_sharded(value) and value.shape == old_p.shape:
                             full = _sliced(value.full_tensor(), cuts)
-                            state[key] = DTensor.from_local(_chunk(full, world, rank).clone(), p.device_mesh,
+                            state[key] = DTensor.from_local(local_rows(full, world, rank).clone(), p.device_mesh,
                                                             p.placements, run_check=False, shape=p.shape,
                                                             stride=p.stride())
                             del full

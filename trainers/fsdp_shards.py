@@ -21,7 +21,7 @@ def is_sharded(t: torch.Tensor) -> bool:
     return bool(DTensor) and isinstance(t, DTensor)
 
 
-def _chunk(full: torch.Tensor, world: int, rank: int) -> torch.Tensor:
+def local_rows(full: torch.Tensor, world: int, rank: int) -> torch.Tensor:
     """This rank's rows of `full` as FSDP2 shards dim 0 (torch.chunk: ceil(n / world) rows each, the last ranks
     possibly fewer or none)."""
     chunks = torch.chunk(full, world, dim=0) if full.dim() else (full,)
@@ -30,7 +30,7 @@ def _chunk(full: torch.Tensor, world: int, rank: int) -> torch.Tensor:
     return full.new_empty((0, *full.shape[1:]))
 
 
-def _offset(p: torch.Tensor, world: int, rank: int) -> int:
+def first_row(p: torch.Tensor, world: int, rank: int) -> int:
     """Index of this rank's first row of the sharded parameter `p`."""
     n = p.shape[0]
     return min(rank * math.ceil(n / world), n)
@@ -55,7 +55,7 @@ def sharded_sq_norms(index: ChannelIndex, module: nn.Module) -> torch.Tensor:
                 piece = torch.zeros(n, device=local.device)
             elif axis == 0:
                 piece = torch.zeros(n, device=local.device)
-                off = _offset(p, world, rank)
+                off = first_row(p, world, rank)
                 piece[off:off + local.shape[0]] = square_sums(local.detach(), 0)
             else:
                 piece = square_sums(local.detach(), axis)
@@ -86,7 +86,7 @@ def sharded_proximal_step(index: ChannelIndex, module: nn.Module, strength: floa
         for axis in axes:
             f = next(factors)
             if axis == 0 and is_sharded(p):
-                off = _offset(p, world, rank)
+                off = first_row(p, world, rank)
                 f = f[off:off + local.shape[0]]
             shape = [1] * local.dim()
             shape[axis] = -1
