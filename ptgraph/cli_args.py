@@ -11,7 +11,8 @@ class _Defaults(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "default" in text or action.default in (None, False) or action.default is argparse.SUPPRESS:
+        flag = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))  # off unless given
+        if "default" in text or flag or action.default is None or action.default is argparse.SUPPRESS:
             return text
         return f"{text} (default: %(default)s)"
 

@@ -96,3 +96,15 @@ def test_debug_shows_traceback():
 
     with pytest.raises(UserError):
         main(["analyze", "--model", "torchvision:not_a_net", "--debug"])
+
+
+def test_prune_train_help_groups_and_defaults(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["prune-train", "--help"])
+    out = capsys.readouterr().out
+    assert stop.value.code == 0
+    groups = ["model and data:", "budget:", "the paper's method:", "performance:", "distributed:", "run:"]
+    assert all(g in out for g in groups)
+    seed = out[out.index("  --seed SEED "):out.index("  --seed SEED ") + 200]
+    assert "(default: 0)" in " ".join(seed.split())  # a default of 0 is shown
+    assert "default: True" not in out and "default: False" not in out  # on/off flags are off unless given
