@@ -26,7 +26,8 @@ def _train_parser(sub, run: Callable[[argparse.Namespace], int]) -> None:
                                    "to zero and the model is shrunk in place as it trains (by default to half its "
                                    "forward FLOPs by 30% of the steps). docs/USER_GUIDE.md explains every flag.")
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", default=None, help="model spec: torchvision:NAME, ptgraph:resnet32, timm:NAME, module:callable")
+    g.add_argument("--model", default=None, help="model spec: torchvision:NAME, ptgraph:resnet32, timm:NAME, module:callable, "
+                                                    "run:RUN_DIR (a run's final architecture, fresh)")
     g.add_argument("--data", default="synthetic",
                    help="synthetic[:easy], cifar10:PATH, cifar100:PATH, cifar10-npz:PATH, imagenet:PATH, "
                         "tokens:PATH (nanoGPT's PATH/train.bin and val.bin, uint16) or tokens:synthetic")
@@ -130,7 +131,7 @@ def _input_dtype(p: argparse.ArgumentParser) -> None:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model spec: torchvision:NAME[?k=v], timm:NAME, or module:callable")
+    p.add_argument("--model", required=True, help="model spec: torchvision:NAME[?k=v], timm:NAME, module:callable or run:RUN_DIR")
     p.add_argument("--input-shape", action="append", default=None,
                    help="example input shape, e.g. 1,3,224,224; once per input of a forward that takes several "
                         "(default: the model's; a clip of 1,C,16,112,112 when its first conv is 3-D)")

@@ -5,6 +5,7 @@
     ptgraph:gpt[?vocab_size=256&...]   a tiny GPT for token data (ptgraph/lm_models.py)
     timm:NAME[?key=value&...]          when timm is installed
     some.module:callable[?key=value]   the user's own code (callable returns an nn.Module)
+    run:RUN_DIR                        a prune-train run's final architecture, freshly initialised
 
 Values are Python literals (numbers, True/False, tuples); anything else stays a string.
 """
@@ -79,6 +80,10 @@ def build_model(spec: str | ModelSpec) -> nn.Module:
         if s.name not in models:
             raise UserError(f"ptgraph has no built-in model '{s.name}'; choose one of {', '.join(models)}")
         return _call(lambda: models[s.name](**kwargs), s)
+    if s.source == "run":
+        from ptgraph.trainers.checkpoint import final_architecture
+
+        return final_architecture(_run_payload(s))
     if s.source == "timm":
         try:
             import timm
@@ -102,6 +107,17 @@ def build_model(spec: str | ModelSpec) -> nn.Module:
     return model
 
 
+def _run_payload(spec: ModelSpec) -> dict:
+    """The checkpoint of the run a `run:RUN_DIR` spec names (ptgraph.trainers.checkpoint.load's checks)."""
+    from pathlib import Path
+
+    from ptgraph.trainers.checkpoint import load
+
+    if spec.kwargs:
+        raise UserError(f"'{spec}' takes no ?key=value list: the run's checkpoint fixes the model; write run:RUN_DIR")
+    return load(Path(spec.name))
+
+
 def _no_backbone_weights(builder: Callable[..., nn.Module], kwargs: dict[str, object]) -> dict[str, object]:
     """kwargs with weights_backbone=None where the builder takes it and the user left it out: its default
     (segmentation, detection) downloads ImageNet weights, and a spec promises random weights, offline."""
@@ -120,6 +136,8 @@ def _call(make, spec: ModelSpec) -> nn.Module:
 def default_input_dtype(spec: str | ModelSpec) -> str:
     """'long' (token ids) for the built-in language model, else 'float': what `--input-dtype` means when not given."""
     s = parse_spec(spec) if isinstance(spec, str) else spec
+    if s.source == "run":
+        return _run_payload(s).get("input_dtype", "float")
     return "long" if (s.source, s.name) == ("ptgraph", "gpt") else "float"
 
 
@@ -130,6 +148,8 @@ def default_input_shape(spec: str | ModelSpec, model: nn.Module | None = None) -
     """The input a model of this spec expects by default (batch of 1): an image, a video clip when the
     model's first convolution is 3-D (so it reads (C, T, H, W)), or a block of tokens for ptgraph:gpt."""
     s = parse_spec(spec) if isinstance(spec, str) else spec
+    if s.source == "run":
+        return (1, *_run_payload(s)["input_shape"][1:])
     size = dict(s.kwargs).get("image_size")
     if isinstance(size, int):
         return (1, 3, size, size)

@@ -279,3 +279,31 @@ def test_a_run_that_removed_almost_nothing_says_to_raise_the_penalty(tmp_path):
     assert loop_module.weak_penalty_hint(cfg, {"mode": "prunetrain", "flops": 50, "dense_flops": 100}) is None
     assert "95%" not in loop_module.weak_penalty_hint(cfg, {"mode": "prunetrain", "flops": 95, "dense_flops": 100})
     assert "removed only 5%" in loop_module.weak_penalty_hint(cfg, {"mode": "prunetrain", "flops": 95, "dense_flops": 100})
+
+
+def test_final_architecture_spec_retrains_a_runs_widths_from_scratch(tmp_path, capsys):
+    """`run:RUN_DIR` builds the run's final widths freshly initialised; training it, analysing and resuming work."""
+    from ptgraph.specs import build_model, default_input_shape
+    from ptgraph.trainers import checkpoint
+
+    pruned_dir = tmp_path / "run"
+    summary = train(_cfg(tmp_path, epochs=2))
+    assert summary["flops"] < summary["dense_flops"]
+    pruned, shape = checkpoint.rebuild(checkpoint.load(pruned_dir))
+    torch.manual_seed(1)
+    fresh = build_model(f"run:{pruned_dir}")
+    shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}  # noqa: E731
+    assert shapes(fresh) == shapes(pruned) and fresh.training
+    assert default_input_shape(f"run:{pruned_dir}") == (1, *shape[1:])
+    convs = [k for k in shapes(pruned) if k.endswith("weight") and len(shapes(pruned)[k]) == 4]
+    assert all(not torch.equal(fresh.state_dict()[k], pruned.state_dict()[k]) for k in convs)  # not the trained weights
+    retrained = train(_cfg(tmp_path, model=f"run:{pruned_dir}", dense=True, epochs=1, penalty_ratio=None,
+                           reconfig_steps=None, threshold=1e-4, run_dir=str(tmp_path / "again")))
+    assert retrained["flops"] == summary["flops"] and retrained["dense_flops"] == summary["flops"]
+    again, _ = checkpoint.rebuild(checkpoint.load(tmp_path / "again"))
+    assert shapes(again) == shapes(pruned)
+    assert main(["analyze", "--model", f"run:{pruned_dir}"]) == 0
+    assert main(["analyze", "--model", f"run:{pruned_dir}?x=1"]) == 2
+    assert main(["analyze", "--model", f"run:{tmp_path / 'none'}"]) == 2
+    err = capsys.readouterr().err
+    assert "takes no ?key=value list" in err and "no checkpoint at" in err

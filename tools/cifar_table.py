@@ -17,7 +17,7 @@ several invocations:
 Two baselines at the same training FLOPs as each PruneTrain run (`--modes scratch,short`, after or
 beside `prunetrain`; they read the PruneTrain run's folder):
 
-- `scratch`: the run's final architecture (its widths, from checkpoint.pt's plans) with a fresh
+- `scratch`: the run's final architecture (model spec `run:RUN_DIR`: its widths, from checkpoint.pt's plans) with a fresh
   initialisation, trained dense (OUT/<model>-scratch-t<target>);
 - `short`: the dense model on a shorter schedule (OUT/<model>-short-t<target>).
 
@@ -41,8 +41,9 @@ from torch import nn
 from bench_step import step_timer
 from ptgraph.cost import TRAIN_STEP_FACTOR
 from ptgraph.errors import UserError
-from ptgraph.specs import build_model, parse_spec
+from ptgraph.specs import parse_spec
 from ptgraph.trainers import checkpoint
+from ptgraph.trainers.checkpoint import final_architecture as fresh_final_architecture
 from ptgraph.trainers.budget import ALLOCATIONS, DEFAULT_PRUNE_UNTIL
 from ptgraph.trainers.config import TrainConfig
 from ptgraph.trainers.distributed import pick_device
@@ -56,33 +57,9 @@ BASELINES = {"scratch": "final architecture from scratch", "short": "dense, shor
 
 
 def final_architecture(checkpoint: str) -> nn.Module:
-    """The final architecture of a PruneTrain run, freshly initialised: a model spec's callable
-    (`cifar_table:final_architecture?checkpoint=RUN/checkpoint.pt`), so that the product's loop trains it.
-
-    The run's model is built from its spec with the caller's random state (the loop seeds it with
-    --seed), traced, and shrunk by the run's plans, which slices that fresh model; then every weight
-    whose initial scale depends on the widths is drawn again at the pruned widths: convolutions
-    Kaiming-normal over their fan-out (the initialisation of ptgraph's CIFAR ResNets and torchvision's
-    MobileNetV2), norms reset to ones and zeros. Linear layers keep the constructor's draw, sliced.
-    """
-    from ptgraph.graph import trace
-    from ptgraph.inputs import make_inputs
-    from ptgraph.passes import PrunePlan, analyze_channels, shrink
-
-    payload = checkpoint_payload(checkpoint)
-    model = build_model(payload["spec"]).train()
-    graph = trace(model, make_inputs(model, tuple(payload["input_shape"]), payload.get("input_dtype", "float")))
-    analysis = analyze_channels(graph)
-    for plan in payload["plans"]:
-        shrink(analysis, PrunePlan.from_json(plan))
-    for m in graph.module.modules():
-        if isinstance(m, nn.modules.conv._ConvNd):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.modules.batchnorm._NormBase):
-            m.reset_parameters()
-    return graph.module.train()
+    """`checkpoint.final_architecture` as a spec callable (`cifar_table:final_architecture?checkpoint=PATH`): the
+    spec the scratch runs written before the product's `run:RUN_DIR` spec record, so that they still rebuild."""
+    return fresh_final_architecture(checkpoint_payload(checkpoint))
 
 
 def checkpoint_payload(path: str | Path) -> dict:
@@ -337,16 +314,16 @@ def main(argv: list[str] | None = None) -> int:
                 if ("prunetrain", *key) not in results:  # made by an earlier invocation
                     if not (pruned_dir / "summary.json").exists():
                         raise UserError(f"no finished PruneTrain run in {pruned_dir}; add prunetrain to --modes")
-                    results["prunetrain", *key] = json.loads((pruned_dir / "summary.json").read_text())
-                    folders["prunetrain", *key] = pruned_dir
+                    results[("prunetrain", *key)] = json.loads((pruned_dir / "summary.json").read_text())
+                    folders[("prunetrain", *key)] = pruned_dir
                 for mode in baselines:
                     steps, _ = matched_steps(pruned_dir, mode)
                     model = spec if mode == "short" else \
-                        f"cifar_table:final_architecture?checkpoint={pruned_dir / 'checkpoint.pt'}"
+                        f"run:{pruned_dir}"
                     folder = out / run_folder(name, *key, mode=mode)
                     base = dataclasses.replace(cfg, model=model, dense=True, steps_per_epoch=steps, run_dir=str(folder))
-                    results[mode, *key] = {**run_one(base, folder), "steps_per_epoch": steps}
-                    folders[mode, *key] = folder
+                    results[(mode, *key)] = {**run_one(base, folder), "steps_per_epoch": steps}
+                    folders[(mode, *key)] = folder
         except UserError as e:
             print(f"error: {e}")
             return 2
@@ -356,10 +333,10 @@ def main(argv: list[str] | None = None) -> int:
         for key in pruned_configs:
             if ("prunetrain", *key) not in results:
                 continue
-            results["prunetrain", *key].setdefault("steps_per_epoch", args.steps_per_epoch)
+            results[("prunetrain", *key)].setdefault("steps_per_epoch", args.steps_per_epoch)
             if ("dense", None, None) in results:
                 results["dense", None, None].setdefault("steps_per_epoch", args.steps_per_epoch)
-                rows.append(row(spec, results["dense", None, None], results["prunetrain", *key],
+                rows.append(row(spec, results["dense", None, None], results[("prunetrain", *key)],
                                 step[("prunetrain", *key)] / step["dense", None, None] if step else None))
             if baselines:
                 extra += baseline_rows(spec, key, results, step)

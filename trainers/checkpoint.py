@@ -86,24 +86,50 @@ def rebuild(payload: dict[str, Any]) -> tuple[torch.nn.Module, tuple[int, ...]]:
 
     Returns the traced graph module (in eval mode) and the input shape it was traced with.
     """
+    torch.manual_seed(0)
+    module = _replayed(payload)
+    try:
+        module.load_state_dict(payload["model"])
+    except RuntimeError as e:
+        raise UserError(f"the checkpoint's weights do not fit the rebuilt model ({str(e).splitlines()[0]}); it was "
+                        f"written by another ptgraph version") from None
+    return module.eval(), tuple(payload["input_shape"])
+
+
+def final_architecture(payload: dict[str, Any]) -> torch.nn.Module:
+    """The final architecture of a run, freshly initialised (the model spec `run:RUN_DIR`): what retraining the
+    widths PruneTrain found from scratch starts from.
+
+    The run's model is built from its spec with the caller's random state, traced, and shrunk by the run's plans,
+    which slices that fresh draw; then the weights whose initial scale follows the layer's width are drawn again
+    at the final widths: convolutions Kaiming-normal over their fan-out (the initialisation of torchvision's and
+    ptgraph's CNNs, and the one docs/BENCHMARKS.md measured), biases zero, norms reset. Other layers keep the
+    constructor's draw, sliced. Returned in train mode.
+    """
+    module = _replayed(payload)
+    for m in module.modules():
+        if isinstance(m, torch.nn.modules.conv._ConvNd):
+            torch.nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                torch.nn.init.zeros_(m.bias)
+        elif isinstance(m, torch.nn.modules.batchnorm._NormBase):
+            m.reset_parameters()
+    return module.train()
+
+
+def _replayed(payload: dict[str, Any]) -> torch.nn.Module:
+    """The run's spec built with the current random state, traced in train mode, every plan applied."""
     from ptgraph.graph import trace
     from ptgraph.inputs import make_inputs
     from ptgraph.passes import PrunePlan, analyze_channels, shrink
     from ptgraph.specs import build_model
 
-    shape = tuple(payload["input_shape"])
-    torch.manual_seed(0)
     model = build_model(payload["spec"]).train()
-    graph = trace(model, make_inputs(model, shape, payload.get("input_dtype", "float")))  # token ids for an LM
-    analysis = analyze_channels(graph)
+    graph = trace(model, make_inputs(model, tuple(payload["input_shape"]), payload.get("input_dtype", "float")))
+    analysis = analyze_channels(graph)  # token ids for an LM
     for plan in payload["plans"]:
         shrink(analysis, PrunePlan.from_json(plan))
-    try:
-        graph.module.load_state_dict(payload["model"])
-    except RuntimeError as e:
-        raise UserError(f"the checkpoint's weights do not fit the rebuilt model ({str(e).splitlines()[0]}); it was "
-                        f"written by another ptgraph version") from None
-    return graph.module.eval(), shape
+    return graph.module
 
 
 # -- FSDP2: the model and the optimizer state through torch.distributed.checkpoint, each rank writing its shards --
