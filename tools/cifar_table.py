@@ -57,8 +57,8 @@ BASELINES = {"scratch": "final architecture from scratch", "short": "dense, shor
 
 
 def final_architecture(checkpoint: str) -> nn.Module:
-    """`checkpoint.final_architecture` as a spec callable (`cifar_table:final_architecture?checkpoint=PATH`): the
-    spec the scratch runs written before the product's `run:RUN_DIR` spec record, so that they still rebuild."""
+    """`checkpoint.final_architecture` as a spec callable: scratch runs made before the `run:RUN_DIR` spec existed
+    name `cifar_table:final_architecture?checkpoint=PATH` in their checkpoints, which this keeps rebuildable."""
     return fresh_final_architecture(checkpoint_payload(checkpoint))
 
 
@@ -318,8 +318,7 @@ def main(argv: list[str] | None = None) -> int:
                     folders[("prunetrain", *key)] = pruned_dir
                 for mode in baselines:
                     steps, _ = matched_steps(pruned_dir, mode)
-                    model = spec if mode == "short" else \
-                        f"run:{pruned_dir}"
+                    model = spec if mode == "short" else f"run:{pruned_dir}"
                     folder = out / run_folder(name, *key, mode=mode)
                     base = dataclasses.replace(cfg, model=model, dense=True, steps_per_epoch=steps, run_dir=str(folder))
                     results[(mode, *key)] = {**run_one(base, folder), "steps_per_epoch": steps}

@@ -125,8 +125,8 @@ def _replayed(payload: dict[str, Any]) -> torch.nn.Module:
     from ptgraph.specs import build_model
 
     model = build_model(payload["spec"]).train()
-    graph = trace(model, make_inputs(model, tuple(payload["input_shape"]), payload.get("input_dtype", "float")))
-    analysis = analyze_channels(graph)  # token ids for an LM
+    example = make_inputs(model, tuple(payload["input_shape"]), payload.get("input_dtype", "float"))  # ids for an LM
+    analysis = analyze_channels(graph := trace(model, example))
     for plan in payload["plans"]:
         shrink(analysis, PrunePlan.from_json(plan))
     return graph.module
