@@ -11,7 +11,7 @@ class _Defaults(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        flag = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))  # off unless given
+        flag = action.nargs == 0  # an on/off flag: off unless given
         if "default" in text or flag or action.default is None or action.default is argparse.SUPPRESS:
             return text
         return f"{text} (default: %(default)s)"

@@ -12,12 +12,14 @@ Values are Python literals (numbers, True/False, tuples); anything else stays a 
 from __future__ import annotations
 
 import ast
+import functools
 import importlib
 import inspect
 import os
 import sys
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 from urllib.parse import parse_qsl
 
@@ -108,14 +110,21 @@ def build_model(spec: str | ModelSpec) -> nn.Module:
 
 
 def _run_payload(spec: ModelSpec) -> dict:
-    """The checkpoint of the run a `run:RUN_DIR` spec names (ptgraph.trainers.checkpoint.load's checks)."""
-    from pathlib import Path
-
-    from ptgraph.trainers.checkpoint import load
-
+    """What a `run:RUN_DIR` spec needs of the run's checkpoint (spec, plans, input shape and dtype), read once per
+    checkpoint file: building, the default input shape and dtype each ask, and the weights are not kept."""
     if spec.kwargs:
         raise UserError(f"'{spec}' takes no ?key=value list: the run's checkpoint fixes the model; write run:RUN_DIR")
-    return load(Path(spec.name))
+    path = Path(spec.name)
+    path = path / "checkpoint.pt" if path.is_dir() else path
+    return _architecture_of(str(path.resolve()), path.stat().st_mtime_ns if path.exists() else None)
+
+
+@functools.lru_cache(maxsize=4)
+def _architecture_of(path: str, stamp: int | None) -> dict:
+    from ptgraph.trainers.checkpoint import load
+
+    payload = load(Path(path))  # its checks: one sentence for a missing, truncated or foreign file
+    return {k: payload[k] for k in ("spec", "plans", "input_shape", "input_dtype") if k in payload}
 
 
 def _no_backbone_weights(builder: Callable[..., nn.Module], kwargs: dict[str, object]) -> dict[str, object]:

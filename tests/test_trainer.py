@@ -297,6 +297,10 @@ def test_final_architecture_spec_retrains_a_runs_widths_from_scratch(tmp_path, c
     assert default_input_shape(f"run:{pruned_dir}") == (1, *shape[1:])
     convs = [k for k in shapes(pruned) if k.endswith("weight") and len(shapes(pruned)[k]) == 4]
     assert all(not torch.equal(fresh.state_dict()[k], pruned.state_dict()[k]) for k in convs)  # not the trained weights
+    for m in fresh.modules():  # drawn again at the final widths: Kaiming-normal over the pruned fan-out
+        if isinstance(m, torch.nn.Conv2d):
+            std, expected = float(m.weight.detach().std()), (2 / (m.out_channels * m.weight[0, 0].numel())) ** 0.5
+            assert abs(std / expected - 1) < 0.25, (m, std, expected)
     retrained = train(_cfg(tmp_path, model=f"run:{pruned_dir}", dense=True, epochs=1, penalty_ratio=None,
                            reconfig_steps=None, threshold=1e-4, run_dir=str(tmp_path / "again")))
     assert retrained["flops"] == summary["flops"] and retrained["dense_flops"] == summary["flops"]
