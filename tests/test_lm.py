@@ -101,6 +101,11 @@ def test_target_flops_on_the_tiny_gpt_is_reached_and_exports(capsys, tmp_path):
     assert math.isfinite(last["val_ppl"]) and last["train_flops_share"] < 1
     code, out, err = run_cli(capsys, "export", str(tmp_path / "r"), "--out", str(tmp_path / "lm.onnx"))
     assert code == 0 and "onnxruntime OK" in out, out + err  # token ids from the checkpoint's input dtype
+    code, out, err = run_cli(capsys, "prune-train", "--model", f"run:{tmp_path / 'r'}", "--dense", "--data",
+                             "tokens:synthetic", "--epochs", "1", "--steps-per-epoch", "4", "--run-dir",
+                             str(tmp_path / "again"), "--no-tensorboard")
+    assert code == 0, err  # its final architecture retrains on blocks of the model's block_size
+    assert [r for r in _records(tmp_path / "again") if r["kind"] == "epoch"][-1]["dense_flops"] == last["flops"]
 
 
 @pytest.mark.parametrize("setup, extra, words", [

@@ -118,7 +118,9 @@ def final_architecture(payload: dict[str, Any]) -> torch.nn.Module:
 
 
 def _replayed(payload: dict[str, Any]) -> torch.nn.Module:
-    """The run's spec built with the current random state, traced in train mode, every plan applied."""
+    """The run's spec built with the current random state, traced in train mode, every plan applied. The graph
+    module keeps the built model's plain settings (numbers, strings, flags such as a GPT's block_size, which
+    the token data reads) that tracing does not carry over; a width among them is the dense model's."""
     from ptgraph.graph import trace
     from ptgraph.inputs import make_inputs
     from ptgraph.passes import PrunePlan, analyze_channels, shrink
@@ -129,6 +131,9 @@ def _replayed(payload: dict[str, Any]) -> torch.nn.Module:
     analysis = analyze_channels(graph := trace(model, example))
     for plan in payload["plans"]:
         shrink(analysis, PrunePlan.from_json(plan))
+    for key, value in vars(model).items():
+        if not key.startswith("_") and isinstance(value, (bool, int, float, str)) and not hasattr(graph.module, key):
+            setattr(graph.module, key, value)
     return graph.module
 
 
